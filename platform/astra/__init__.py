@@ -1,0 +1,1 @@
+"""Astra: interactive video world models on Wan-2.1."""

@@ -1,0 +1,391 @@
+"""Typed configuration for Astra: model, action modalities, FramePack layout, diffusion, sampling.
+
+Every model is a frozen pydantic model with ``extra="forbid"``: a typo in a YAML key or a
+bad value fails at load time with a message naming the field. Presets live in ``PRESETS``;
+``load_config`` reads a YAML file (optionally naming a preset) and applies dotted command
+line overrides such as ``model.backbone.num_layers=4``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user configuration problem; the message names the field or setting to fix."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class BackboneConfig(_Frozen):
+    """The Wan-2.1 transformer architecture (mirrors ``diffusers.WanTransformer3DModel``'s arguments)."""
+
+    num_layers: int = Field(30, ge=1, description="Number of DiT blocks (Wan-2.1 1.3B: 30).")
+    num_attention_heads: int = Field(12, ge=1, description="Attention heads per block.")
+    attention_head_dim: int = Field(
+        128, ge=6, description="Channels per head; the model dim is heads x this."
+    )
+    in_channels: int = Field(16, ge=1, description="Latent channels of the VAE (Wan: 16).")
+    out_channels: int = Field(16, ge=1, description="Predicted channels; equal to in_channels for Wan T2V.")
+    text_dim: int = Field(4096, ge=1, description="Width of the text-encoder embeddings (UMT5-XXL: 4096).")
+    freq_dim: int = Field(256, ge=2, description="Width of the sinusoidal timestep embedding.")
+    ffn_dim: int = Field(8960, ge=1, description="Hidden width of each block's feed-forward network.")
+    patch_size: tuple[int, int, int] = Field((1, 2, 2), description="(t, h, w) patch of the patch embedding.")
+    cross_attn_norm: bool = Field(True, description="LayerNorm before cross-attention (Wan: true).")
+    eps: float = Field(1e-6, gt=0, description="Epsilon of the layer norms.")
+    rope_max_seq_len: int = Field(
+        1024, ge=1, description="RoPE table size of diffusers' Wan (kept for parity)."
+    )
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        if self.patch_size[0] != 1:
+            raise ValueError(
+                "patch_size: Astra's FramePack packing needs a temporal patch of 1, e.g. (1, 2, 2)"
+            )
+        if self.attention_head_dim % 2:
+            raise ValueError("attention_head_dim must be even (RoPE rotates channel pairs)")
+        return self
+
+    def wan_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``diffusers.WanTransformer3DModel(**kwargs)``."""
+        return {
+            "patch_size": tuple(self.patch_size),
+            "num_attention_heads": self.num_attention_heads,
+            "attention_head_dim": self.attention_head_dim,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "text_dim": self.text_dim,
+            "freq_dim": self.freq_dim,
+            "ffn_dim": self.ffn_dim,
+            "num_layers": self.num_layers,
+            "cross_attn_norm": self.cross_attn_norm,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": self.eps,
+            "rope_max_seq_len": self.rope_max_seq_len,
+        }
+
+    @classmethod
+    def from_wan_config(cls, cfg: Any) -> BackboneConfig:
+        """Derive from a diffusers ``WanTransformer3DModel.config`` (T2V models only)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        if get("image_dim") is not None or get("added_kv_proj_dim") is not None:
+            raise ConfigError(
+                "backbone: image-conditioned (I2V) Wan checkpoints are not supported; use a T2V one"
+            )
+        return cls(
+            num_layers=get("num_layers"),
+            num_attention_heads=get("num_attention_heads"),
+            attention_head_dim=get("attention_head_dim"),
+            in_channels=get("in_channels"),
+            out_channels=get("out_channels") or get("in_channels"),
+            text_dim=get("text_dim"),
+            freq_dim=get("freq_dim"),
+            ffn_dim=get("ffn_dim"),
+            patch_size=tuple(get("patch_size")),
+            cross_attn_norm=get("cross_attn_norm"),
+            eps=get("eps"),
+            rope_max_seq_len=get("rope_max_seq_len", 1024),
+        )
+
+
+class ModalitySpec(_Frozen):
+    """One action modality: a registry entry. Adding a modality = one entry here (a projector and,
+    with hard routing, the expert it is sent to)."""
+
+    name: str = Field(description="Modality name used in manifests, sessions and requests, e.g. 'camera'.")
+    raw_dim: int = Field(ge=1, description="Width of one raw action vector (without the history flag).")
+    expert: int = Field(ge=0, description="Expert index this modality is routed to under hard routing.")
+
+
+class ActionConfig(_Frozen):
+    """Action encoding and the Mixture of Action Experts (MoAE)."""
+
+    modalities: tuple[ModalitySpec, ...] = Field(
+        (
+            ModalitySpec(name="camera", raw_dim=12, expert=0),
+            ModalitySpec(name="driving", raw_dim=7, expert=1),
+            ModalitySpec(name="robot", raw_dim=7, expert=2),
+        ),
+        description="Registered modalities. Camera: flattened 3x4 relative pose; driving: dt(3)+q_rel(4); "
+        "robot: end-effector delta (7).",
+    )
+    unified_dim: int = Field(
+        25, ge=1, description="Width of the shared space the modality projectors map into."
+    )
+    num_experts: int = Field(4, ge=1, description="Experts per block.")
+    routing: Literal["hard", "learned"] = Field(
+        "hard",
+        description="'hard': modality -> its fixed expert (the reference code); "
+        "'learned': a top-k softmax router over the unified embedding (the paper).",
+    )
+    top_k: int = Field(2, ge=1, description="Experts mixed per action vector under learned routing.")
+    router_aux_weight: float = Field(
+        0.01, ge=0, description="Weight of the load-balancing loss of the learned router (ignored when hard)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ActionConfig:
+        names = [m.name for m in self.modalities]
+        if len(set(names)) != len(names):
+            raise ValueError(f"modalities: names must be unique, got {names}")
+        if not names:
+            raise ValueError("modalities: at least one modality is needed")
+        for m in self.modalities:
+            if m.expert >= self.num_experts:
+                raise ValueError(
+                    f"modalities: '{m.name}' routes to expert {m.expert} but num_experts is {self.num_experts}"
+                )
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
+        return self
+
+    @property
+    def max_raw_dim(self) -> int:
+        return max(m.raw_dim for m in self.modalities)
+
+    def modality(self, name: str) -> ModalitySpec:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise ConfigError(
+            f"modality: unknown modality '{name}'; registered: {[m.name for m in self.modalities]}"
+        )
+
+    def modality_id(self, name: str) -> int:
+        return [m.name for m in self.modalities].index(self.modality(name).name)
+
+
+class FramePackConfig(_Frozen):
+    """History layout per chunk, in latent frames. Token order is ``[4x | 2x | 1x | target]``."""
+
+    target_frames: int = Field(
+        8, ge=1, description="Latent frames generated per chunk (8 latents = 29..33 video frames)."
+    )
+    recent_frames: int = Field(
+        1, ge=0, description="Most recent history frames kept at full (1x) resolution."
+    )
+    frames_2x: int = Field(
+        2, ge=0, description="History frames packed at 2x (kernel 2x4x4); a multiple of 2."
+    )
+    frames_4x: int = Field(
+        16, ge=0, description="History frames packed at 4x (kernel 4x8x8); a multiple of 4."
+    )
+    keep_anchor: bool = Field(
+        True,
+        description="Keep the first latent frame (the start image) at 1x however long the rollout "
+        "(FramePack-F1). False drops it once it leaves the window, as the reference code does.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FramePackConfig:
+        if self.frames_2x % 2:
+            raise ValueError(f"frames_2x must be a multiple of 2, got {self.frames_2x}")
+        if self.frames_4x % 4:
+            raise ValueError(f"frames_4x must be a multiple of 4, got {self.frames_4x}")
+        return self
+
+
+class ModelConfig(_Frozen):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    actions: ActionConfig = Field(default_factory=ActionConfig)
+    framepack: FramePackConfig = Field(default_factory=FramePackConfig)
+
+
+class VAEConfig(_Frozen):
+    """The Wan VAE (``diffusers.AutoencoderKLWan``). Real weights come from ``pretrained_path``."""
+
+    pretrained_path: str | None = Field(
+        None,
+        description="Local or s3:// diffusers-format folder of the VAE; None builds from the fields below.",
+    )
+    base_dim: int = Field(96, ge=1, description="Base channel width (Wan-2.1: 96).")
+    z_dim: int = Field(16, ge=1, description="Latent channels; must equal model.backbone.in_channels.")
+    dim_mult: tuple[int, ...] = Field(
+        (1, 2, 4, 4), description="Channel multipliers per level (3 downsamples)."
+    )
+    num_res_blocks: int = Field(2, ge=1, description="Residual blocks per level.")
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+class DiffusionConfig(_Frozen):
+    """Flow-matching training: x_t = (1-s) x0 + s eps, the model predicts v = eps - x0 at t = 1000 s."""
+
+    shift: float = Field(5.0, gt=0, description="Timestep shift of the sigma schedule (Wan: 5).")
+    loss_weighting: Literal["uniform", "bell"] = Field(
+        "bell",
+        description="'bell': DiffSynth's Gaussian-in-timestep weights (the reference); 'uniform': all ones.",
+    )
+    noise_as_mask_prob: float = Field(
+        0.8, ge=0, le=1, description="Probability that a sample's clean history is corrupted (noise-as-mask)."
+    )
+    noise_as_mask_sigma: tuple[float, float] = Field(
+        (0.626, 1.0), description="(low, high) of the uniform sigma used to corrupt history."
+    )
+    action_dropout_prob: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Probability that a sample's actions and flags are all zeroed (for AFG).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionConfig:
+        lo, hi = self.noise_as_mask_sigma
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"noise_as_mask_sigma must satisfy 0 <= low <= high <= 1, got {(lo, hi)}")
+        return self
+
+
+class SamplerConfig(_Frozen):
+    """Euler flow sampling of one chunk with Action-Free Guidance."""
+
+    num_steps: int = Field(50, ge=1, description="Euler steps per chunk.")
+    shift: float = Field(5.0, gt=0, description="Timestep shift of the sampling schedule.")
+    action_guidance: float = Field(
+        3.0, ge=0, description="AFG scale s: v = v_null + s (v_act - v_null); 1 = off."
+    )
+    text_guidance: float = Field(1.0, ge=0, description="Text CFG scale; 1 = off (one branch fewer).")
+    batch_branches: bool = Field(
+        True,
+        description="Run guidance branches as one batched forward (faster) or one forward each (less memory).",
+    )
+
+
+class AstraConfig(_Frozen):
+    """Everything the library needs; jobs and serving add their own sections on top."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> AstraConfig:
+        if self.vae.pretrained_path is None and self.vae.z_dim != self.model.backbone.in_channels:
+            raise ValueError(
+                f"vae.z_dim ({self.vae.z_dim}) must equal model.backbone.in_channels "
+                f"({self.model.backbone.in_channels})"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The real architecture: Wan-2.1 T2V 1.3B + the reference Astra layout.
+    "wan2.1-1.3b": {},
+    # Runs a forward in milliseconds on a CPU; same classes and code paths.
+    "tiny": {
+        "model": {
+            "backbone": {
+                "num_layers": 2,
+                "num_attention_heads": 2,
+                "attention_head_dim": 12,
+                "in_channels": 4,
+                "out_channels": 4,
+                "text_dim": 32,
+                "freq_dim": 32,
+                "ffn_dim": 48,
+            },
+            "actions": {"unified_dim": 8},
+            "framepack": {"target_frames": 2, "recent_frames": 1, "frames_2x": 2, "frames_4x": 4},
+        },
+        "vae": {"base_dim": 8, "z_dim": 4, "dim_mult": (1, 2, 2, 2), "num_res_blocks": 1},
+        "sampler": {"num_steps": 4},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{loc}: {e['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["a.b=3", "c=[1,2]"]`` -> ``{"a": {"b": 3}, "c": [1, 2]}``; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty key segment")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is set both as a value and as a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return tree
+
+
+def build_config(data: dict[str, Any] | None = None, model_cls: type[BaseModel] = AstraConfig) -> Any:
+    """Validate a plain dict (which may name a ``preset``) into ``model_cls``."""
+    data = dict(data or {})
+    preset = data.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
+        data = _deep_merge(PRESETS[preset], data)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: str | None = None,
+    model_cls: type[BaseModel] = AstraConfig,
+) -> Any:
+    """Load a config: preset (argument or ``preset:`` key in the file) <- YAML file <- dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping at the top level")
+        data = loaded
+    if preset is not None:
+        data = {**data, "preset": preset}
+    data = _deep_merge(data, parse_overrides(list(overrides)))
+    return build_config(data, model_cls)
+
+
+def preset(name: str, **overrides: Any) -> AstraConfig:
+    """A preset as an ``AstraConfig``; keyword overrides are nested dicts, e.g. ``sampler={"num_steps": 2}``."""
+    return build_config({"preset": name, **overrides})

@@ -1,0 +1,1 @@
+"""Flow matching (training) and the pure chunk sampler (inference)."""
