@@ -169,8 +169,9 @@ class ChunkInputs:
         selects samples, default all."""
 
         def zero(g: TokenGroup) -> TokenGroup:
-            keep = torch.ones(g.actions.shape[0], dtype=torch.bool, device=g.actions.device)
-            if drop is not None:
+            if drop is None:
+                keep = torch.zeros(g.actions.shape[0], dtype=torch.bool, device=g.actions.device)
+            else:
                 keep = ~drop.to(g.actions.device)
             return dataclasses.replace(
                 g,

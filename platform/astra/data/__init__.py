@@ -1,0 +1,1 @@
+"""Data plane: action maths, synthetic worlds, video decode, latent store (data-plane issue)."""

@@ -1,0 +1,128 @@
+"""The training objective on the tiny model: it learns, freezes what it must, corrupts as configured."""
+
+import pytest
+import torch
+
+from astra.config import DiffusionConfig
+from astra.diffusion.flow import loss_weight, noise_as_mask
+from astra.model import mark_trainable, pack_chunk, plan_chunk
+from astra.train.objective import training_loss
+
+
+def _batch(cfg, batch=2, history=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fp = cfg.model.framepack
+    plan = plan_chunk(history, fp)
+    inputs = pack_chunk(
+        plan,
+        torch.randn(batch, 4, history, 8, 8, generator=g),
+        torch.randn(batch, history + fp.target_frames, 12, generator=g),
+        torch.randn(batch, 5, 32, generator=g),
+        torch.tensor([0, 1][:batch]),
+    )
+    return torch.randn(batch, 4, fp.target_frames, 8, 8, generator=g), inputs
+
+
+def test_overfits_fixed_batch_and_keeps_frozen_weights(tiny_config, tiny_model):
+    model = tiny_model.train()
+    counts = mark_trainable(model)
+    assert counts.trainable > 0 and counts.frozen > 0
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    target, inputs = _batch(tiny_config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        # the same noise, timesteps and corruption every step: a fixed objective to overfit
+        stats = training_loss(
+            model,
+            target,
+            inputs,
+            tiny_config.diffusion,
+            tiny_config.model.actions,
+            torch.Generator().manual_seed(7),
+        )
+        opt.zero_grad()
+        stats.loss.backward()
+        opt.step()
+        losses.append(stats.loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+    changed = [
+        n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable_before[n])
+    ]
+    # every trained family moved: self-attention, adapter, experts, action encoder, history embedders
+    for family in ("attn1", "projector", "moe", "action_encoder", "clean_x_embedder"):
+        assert any(family in n for n in changed), family
+
+
+def test_noise_as_mask_rate_and_range():
+    cfg = DiffusionConfig()
+    x = torch.zeros(20_000, 3)
+    g = torch.Generator().manual_seed(0)
+    (out,), mask, sigma = noise_as_mask([x], cfg, g)
+    rate = mask.float().mean().item()
+    assert abs(rate - 0.8) < 0.02, rate
+    lo, hi = cfg.noise_as_mask_sigma
+    assert sigma[mask].min() >= lo and sigma[mask].max() <= hi and torch.all(sigma[~mask] == 0)
+    assert torch.equal(out[~mask], x[~mask])  # untouched samples stay clean
+    # with x = 0 the corrupted value is sigma * eps: its spread per sample matches sigma
+    assert out[mask].abs().mean() > 0.5
+
+
+def test_objective_applies_configured_rates(tiny_config, tiny_model):
+    cfg = tiny_config.diffusion.model_copy(update={"noise_as_mask_prob": 0.5, "action_dropout_prob": 0.25})
+    target, inputs = _batch(tiny_config, batch=2)
+    noised, dropped = [], []
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(150):
+            stats = training_loss(tiny_model, target, inputs, cfg, tiny_config.model.actions, g)
+            noised.append(stats.history_noised)
+            dropped.append(stats.actions_dropped)
+    noised, dropped = torch.cat(noised).float().mean(), torch.cat(dropped).float().mean()
+    assert abs(noised - 0.5) < 0.1 and abs(dropped - 0.25) < 0.1, (noised, dropped)
+
+
+def test_action_dropout_zeroes_actions_and_flags(tiny_config):
+    _, inputs = _batch(tiny_config)
+    dropped = inputs.without_actions(torch.tensor([True, False]))
+    for g in (*dropped.history, dropped.target):
+        assert torch.all(g.actions[0] == 0) and torch.all(g.flags[0] == 0)
+    assert torch.equal(dropped.history[0].actions[1], inputs.history[0].actions[1])
+    assert torch.all(dropped.history[0].flags[1] == 1)
+
+
+@pytest.mark.parametrize("routing", ["hard", "learned"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, tiny_wan, routing):
+    from astra.model import AstraTransformer
+
+    cfg = tiny_config.model.model_copy(
+        update={"actions": tiny_config.model.actions.model_copy(update={"routing": routing})}
+    )
+    model = AstraTransformer.from_wan(tiny_wan, cfg)
+    mark_trainable(model)
+    target, inputs = _batch(tiny_config)
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        stats = training_loss(
+            model, target, inputs, tiny_config.diffusion, cfg.actions, torch.Generator().manual_seed(3)
+        )
+        stats.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+    if routing == "learned":
+        assert "action_encoder.router.weight" in grads[0]
+
+
+def test_loss_weights():
+    sigma = torch.linspace(0.001, 1, 101)
+    assert torch.all(loss_weight(sigma, "uniform", 5.0) == 1)
+    w = loss_weight(sigma, "bell", 5.0)
+    assert torch.all(w >= 0) and w[50] > w[0] and w[50] > w[-1]  # mid-range timesteps count most

@@ -1,0 +1,51 @@
+"""The VAE wrapper: shapes, causality, normalisation."""
+
+import pytest
+import torch
+
+from astra.config import VAEConfig, preset
+from astra.model.vae import WanVAE, frames_to_video, video_to_frames
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return WanVAE.from_config(preset("tiny").vae).eval()
+
+
+def test_shapes_and_causal_prefix(vae):
+    video = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (1, 4, 3, 4, 6) and vae.latent_frames(9) == 3
+    # causal: encoding the first 1 + 4 frames gives the first 2 latents
+    torch.testing.assert_close(vae.encode(video[:, :, :5]), z[:, :, :2])
+    out = vae.decode(z)
+    assert out.shape == video.shape and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        vae.latent_frames(8)
+
+
+def test_latents_are_normalised_with_the_vae_statistics():
+    torch.manual_seed(0)
+    cfg = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+    vae = WanVAE.from_config(cfg).eval()
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    raw = vae.vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(vae.vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.vae.config.latents_std).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(vae.encode(video), (raw - mean) / std)
+
+
+def test_frame_conversions_round_trip():
+    frames = torch.randint(0, 256, (2, 5, 8, 8, 3), dtype=torch.uint8)
+    video = frames_to_video(frames)
+    assert video.shape == (2, 3, 5, 8, 8) and video.min() >= -1 and video.max() <= 1
+    assert torch.equal(video_to_frames(video), frames)
+
+
+def test_pretrained_vae_folder(tmp_path, vae):
+    vae.vae.save_pretrained(tmp_path / "vae")
+    cfg = VAEConfig(pretrained_path=str(tmp_path), base_dim=8, z_dim=4)
+    loaded = WanVAE.from_config(cfg)
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded.encode(video), vae.encode(video), atol=1e-5, rtol=1e-5)
