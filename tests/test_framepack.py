@@ -45,7 +45,7 @@ def test_model_sequence_matches_plan(tiny_config, tiny_model):
                 plan,
                 torch.randn(1, 4, n, 8, 12),
                 torch.randn(1, n + 2, 12),
-                torch.randn(1, 3, 32),
+                torch.randn(1, 3, 384),
                 torch.tensor([0]),
             )
             with torch.no_grad():
@@ -110,7 +110,7 @@ def test_long_rollout_every_token_reads_its_own_frames_actions(tiny_config, tiny
         for n in (19, 20, 21, 33, 48):
             plan = plan_chunk(n, cfg.framepack)
             inputs = pack_chunk(
-                plan, hist[:, :, :n], actions[None, : n + 8], torch.randn(1, 3, 32), torch.tensor([0])
+                plan, hist[:, :, :n], actions[None, : n + 8], torch.randn(1, 3, 384), torch.tensor([0])
             )
             # every group's latents, action rows and flags come from the same frames
             for plan_g, g in zip(plan.history, inputs.history, strict=True):

@@ -13,7 +13,7 @@ def test_bf16_forward_on_cuda_tracks_fp32(tiny_config):
     torch.manual_seed(0)
     wan = build_wan(tiny_config.model.backbone)
     ref_model = AstraTransformer.from_wan(wan, tiny_config.model)
-    x, t, ctx = torch.randn(1, 4, 2, 8, 8), torch.tensor([400.0]), torch.randn(1, 3, 32)
+    x, t, ctx = torch.randn(1, 4, 2, 8, 8), torch.tensor([400.0]), torch.randn(1, 3, 384)
     inputs = pack_chunk(
         plan_chunk(4, tiny_config.model.framepack),
         torch.randn(1, 4, 4, 8, 8),
@@ -33,6 +33,6 @@ def test_bf16_forward_on_cuda_tracks_fp32(tiny_config):
 def test_chunk_generation_on_cuda(tiny_config):
     torch.manual_seed(0)
     model = AstraTransformer.from_wan(build_wan(tiny_config.model.backbone), tiny_config.model).to("cuda")
-    s = RolloutSession.start("g", "camera", torch.randn(4, 1, 8, 8), torch.randn(3, 32), raw_dim=12, seed=0)
+    s = RolloutSession.start("g", "camera", torch.randn(4, 1, 8, 8), torch.randn(3, 384), raw_dim=12, seed=0)
     s, chunk = generate_chunk(model, s, torch.randn(2, 12), tiny_config)
     assert chunk.shape == (4, 2, 8, 8) and torch.isfinite(chunk).all() and s.step == 1

@@ -27,7 +27,7 @@ def _forward(model, seed=0):
         plan_chunk(5, cfg.framepack),
         torch.randn(1, 4, 5, 8, 8, generator=g),
         torch.randn(1, 7, 12, generator=g),
-        torch.randn(1, 3, 32, generator=g),
+        torch.randn(1, 3, 384, generator=g),
         torch.tensor([0]),
     )
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_original_keyed_checkpoint_through_diffusers_converter(tmp_path, tiny_wa
         assert torch.equal(loaded.state_dict()[k], v), k
     a = AstraTransformer.from_wan(tiny_wan, tiny_config.model)
     b = AstraTransformer.from_wan(loaded, tiny_config.model)
-    torch.testing.assert_close(_forward(b), _forward(a), atol=0, rtol=0)
+    torch.testing.assert_close(_forward(b), _forward(a), atol=1e-5, rtol=1e-5)  # same weights, other memory
     with pytest.raises(ConfigError, match=r"needs model\.backbone"):
         load_wan(path)
     wrong = tiny_config.model.backbone.model_copy(update={"num_layers": 3})

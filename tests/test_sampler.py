@@ -64,9 +64,9 @@ def test_batched_afg_equals_separate_forwards(tiny_config, tiny_model):
     torch.manual_seed(3)
     plan = plan_chunk(6, cfg.framepack)
     inputs = pack_chunk(
-        plan, torch.randn(2, 4, 6, 8, 8), torch.randn(2, 8, 12), torch.randn(2, 5, 32), torch.tensor([0, 2])
+        plan, torch.randn(2, 4, 6, 8, 8), torch.randn(2, 8, 12), torch.randn(2, 5, 384), torch.tensor([0, 2])
     )
-    null_ctx = torch.zeros(2, 5, 32)
+    null_ctx = torch.zeros(2, 5, 384)
     fn = branch_velocity_fn(model, inputs, null_ctx)
     x, sigma = torch.randn(2, 4, 2, 8, 8), torch.tensor([0.7, 0.3])
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_sampling_is_deterministic_and_pure(tiny_config, tiny_model):
         plan_chunk(3, cfg.framepack),
         torch.randn(1, 4, 3, 8, 8),
         torch.randn(1, 5, 12),
-        torch.randn(1, 5, 32),
+        torch.randn(1, 5, 384),
         torch.tensor([1]),
     )
     fn = branch_velocity_fn(model, inputs)

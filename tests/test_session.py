@@ -12,10 +12,10 @@ def _session(tiny_config, seed=5):
         "s-1",
         "driving",
         torch.randn(4, 1, 8, 8, generator=g),
-        torch.randn(6, 32, generator=g),
+        torch.randn(6, 384, generator=g),
         raw_dim=7,
         seed=seed,
-        null_prompt=torch.zeros(6, 32),
+        null_prompt=torch.zeros(6, 384),
     )
 
 

@@ -300,7 +300,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "attention_head_dim": 12,
                 "in_channels": 4,
                 "out_channels": 4,
-                "text_dim": 32,
+                "text_dim": 384,  # all-MiniLM-L6-v2, the embedded text encoder
                 "freq_dim": 32,
                 "ffn_dim": 48,
             },
@@ -350,14 +350,19 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
-def build_config(data: dict[str, Any] | None = None, model_cls: type[BaseModel] = AstraConfig) -> Any:
-    """Validate a plain dict (which may name a ``preset``) into ``model_cls``."""
+def build_config(
+    data: dict[str, Any] | None = None,
+    model_cls: type[BaseModel] = AstraConfig,
+    presets: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """Validate a plain dict (which may name a ``preset`` of ``presets``) into ``model_cls``."""
+    presets = PRESETS if presets is None else presets
     data = dict(data or {})
     preset = data.pop("preset", None)
     if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"preset: unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
-        data = _deep_merge(PRESETS[preset], data)
+        if preset not in presets:
+            raise ConfigError(f"preset: unknown preset '{preset}'; choose one of {sorted(presets)}")
+        data = _deep_merge(presets[preset], data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
@@ -369,6 +374,7 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     preset: str | None = None,
     model_cls: type[BaseModel] = AstraConfig,
+    presets: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
     """Load a config: preset (argument or ``preset:`` key in the file) <- YAML file <- dotted overrides."""
     data: dict[str, Any] = {}
@@ -383,7 +389,7 @@ def load_config(
     if preset is not None:
         data = {**data, "preset": preset}
     data = _deep_merge(data, parse_overrides(list(overrides)))
-    return build_config(data, model_cls)
+    return build_config(data, model_cls, presets)
 
 
 def preset(name: str, **overrides: Any) -> AstraConfig:
