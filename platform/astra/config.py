@@ -219,6 +219,28 @@ class VAEConfig(_Frozen):
         (1, 2, 4, 4), description="Channel multipliers per level (3 downsamples)."
     )
     num_res_blocks: int = Field(2, ge=1, description="Residual blocks per level.")
+    seed: int = Field(
+        0, description="Seed of a randomly initialised VAE (no pretrained_path): same seed, same VAE."
+    )
+
+    @property
+    def vae_id(self) -> str:
+        """Identifies the VAE whose latents a store holds."""
+        if self.pretrained_path is not None:
+            return f"pretrained:{self.pretrained_path}"
+        return f"random:{self.base_dim}-{self.z_dim}-{'.'.join(map(str, self.dim_mult))}-{self.num_res_blocks}-seed{self.seed}"
+
+
+class TextEncoderConfig(_Frozen):
+    """Which text encoder embeds prompts (see astra.model.text)."""
+
+    kind: Literal["minilm", "umt5"] = Field(
+        "minilm", description="'minilm' (embedded default) or 'umt5' (real Wan)."
+    )
+    path: str | None = Field(None, description="Local folder of the UMT5 encoder + tokenizer (kind 'umt5').")
+    max_length: int = Field(512, ge=1, description="Token limit; longer prompts are truncated.")
+    batch_size: int = Field(16, ge=1, description="Prompts per encoder forward.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the encoder.")
 
 
 # ----------------------------------------------------------------------------- diffusion

@@ -61,7 +61,7 @@ def open_binary(uri: str, s3_endpoint: str | None = None, s3_region: str = "us-e
     """A seekable binary file for local paths, an in-memory copy for remote objects."""
     fs, path = resolve(uri, s3_endpoint, s3_region)
     if isinstance(fs, pafs.LocalFileSystem):
-        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        return open(path, "rb")  # the caller closes it
     return io.BytesIO(read_bytes(uri, s3_endpoint, s3_region))
 
 

@@ -202,8 +202,8 @@ class LatentStore:
         files = self.files(table)
         if not files:
             return SCHEMAS[table].empty_table().select(columns) if columns else SCHEMAS[table].empty_table()
-        dataset = pq.ParquetDataset(files, filesystem=self.fs, schema=SCHEMAS[table])
-        return dataset.read(columns=columns, filter=filter)
+        dataset = pq.ParquetDataset(files, filesystem=self.fs, schema=SCHEMAS[table], filters=filter)
+        return dataset.read(columns=columns)
 
     # ------------------------------------------------------------------ latents
 

@@ -46,6 +46,10 @@ def decode_clip(
     """
     height, width = size
     targets = np.arange(num_frames) / target_fps
+    if hasattr(source, "seek"):
+        if source.seek(0, 2) == 0:
+            raise ClipError("empty file (0 bytes)")
+        source.seek(0)
     try:
         container = av.open(source)
     except (av.error.FFmpegError, OSError, ValueError) as err:

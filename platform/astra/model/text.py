@@ -13,24 +13,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from astra.config import ConfigError
-
-
-class TextEncoderConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: Literal["minilm", "umt5"] = Field(
-        "minilm", description="'minilm' (embedded default) or 'umt5' (real Wan)."
-    )
-    path: str | None = Field(None, description="Local folder of the UMT5 encoder + tokenizer (kind 'umt5').")
-    max_length: int = Field(512, ge=1, description="Token limit; longer prompts are truncated.")
-    batch_size: int = Field(16, ge=1, description="Prompts per encoder forward.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of the encoder.")
+from astra.config import ConfigError, TextEncoderConfig
 
 
 class TextEncoder:

@@ -41,13 +41,15 @@ class WanVAE(nn.Module):
         if cfg.z_dim != 16:
             # diffusers' defaults are Wan-2.1's 16-channel statistics; other widths get identity ones
             stats = {"latents_mean": [0.0] * cfg.z_dim, "latents_std": [1.0] * cfg.z_dim}
-        vae = AutoencoderKLWan(
-            base_dim=cfg.base_dim,
-            z_dim=cfg.z_dim,
-            dim_mult=list(cfg.dim_mult),
-            num_res_blocks=cfg.num_res_blocks,
-            **stats,
-        )
+        with torch.random.fork_rng(devices=[]):  # a seeded VAE without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            vae = AutoencoderKLWan(
+                base_dim=cfg.base_dim,
+                z_dim=cfg.z_dim,
+                dim_mult=list(cfg.dim_mult),
+                num_res_blocks=cfg.num_res_blocks,
+                **stats,
+            )
         return cls(vae if dtype is None else vae.to(dtype))
 
     @property

@@ -1,0 +1,95 @@
+"""Encode throughput: the Ray Data job vs a plain in-process loop over the same stages and clips.
+
+    python bench/encode.py [--clips 32] [--size 128x128] [--frames 33] [--vae-actors 1]
+
+Both variants run in this process on the same synthetic clips and write to their own store; each
+is timed end to end (model loading included, as a user would see it). The last line is the ratio
+of clips per second, Ray Data / loop (goal on a 2-core box: >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from astra.data.manifest import read_manifest
+from astra.data.synthetic import write_dataset
+from astra.encode.config import load_encode_config
+from astra.encode.decode import decode_row
+from astra.encode.pipeline import run_encode
+from astra.encode.stages import PromptEmbedder, ShardWriter, VAEEncoder
+
+
+def _batches(rows: list[dict], size: int):
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
+        yield {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+
+
+def loop_encode(config) -> float:
+    """The same stages, called one after the other in this process, no Ray."""
+    start = time.perf_counter()
+    records, _ = read_manifest(config.manifest)
+    vae, prompts, writer = VAEEncoder(config), PromptEmbedder(config), ShardWriter(config)
+    rows = [decode_row(r.model_dump(), config) for r in records]
+    done = 0
+    for batch in _batches(rows, config.compute.vae_batch_size):
+        out = writer(prompts(vae(batch)))
+        done += int(np.sum(out["status"] == "encoded"))
+    elapsed = time.perf_counter() - start
+    assert done == len(records), f"loop encoded {done} of {len(records)}"
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--size", default="128x128")
+    parser.add_argument("--frames", type=int, default=33)
+    parser.add_argument("--vae-actors", type=int, default=1)
+    args = parser.parse_args()
+    h, w = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = write_dataset(
+            tmp / "clips", args.clips, "mixed", size=(h, w), num_frames=args.frames, fps=16.0, seed=0
+        )
+        common = [
+            "preset=tiny",
+            f"manifest={manifest}",
+            f"video.height={h}",
+            f"video.width={w}",
+            f"video.num_frames={args.frames}",
+        ]
+        loop_cfg = load_encode_config(None, [*common, f"store.uri={tmp / 'loop'}"])
+        ray_cfg = load_encode_config(
+            None, [*common, f"store.uri={tmp / 'ray'}", f"compute.vae_actors={args.vae_actors}"]
+        )
+
+        loop_s = loop_encode(loop_cfg)
+        print(f"loop:     {args.clips} clips in {loop_s:.1f} s = {args.clips / loop_s:.2f} clips/s")
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        try:
+            start = time.perf_counter()
+            summary = run_encode(ray_cfg)
+            ray_s = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+        assert summary.encoded == args.clips, summary.line()
+        print(f"ray data: {args.clips} clips in {ray_s:.1f} s = {args.clips / ray_s:.2f} clips/s")
+        print(f"ratio ray/loop clips per second: {loop_s / ray_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Thin Ray job entrypoints: ``python jobs/<name>.py --config ...`` or ``ray job submit -- python jobs/<name>.py``."""

@@ -1,0 +1,99 @@
+"""Configuration of the encode job (``jobs/encode.py --config encode.yaml key=value ...``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from astra.config import PRESETS, ActionConfig, TextEncoderConfig, VAEConfig, load_config
+from astra.data.storage import StorageConfig
+
+ENCODE_FORMAT_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class VideoConfig(_Frozen):
+    height: int = Field(480, ge=16, description="Output height in pixels (a multiple of 16).")
+    width: int = Field(832, ge=16, description="Output width in pixels (a multiple of 16).")
+    num_frames: int = Field(
+        129,
+        ge=1,
+        description="Frames sampled per clip: 1 + 4k (the VAE's causal grouping); 129 = 33 latents.",
+    )
+    fps: float = Field(16.0, gt=0, description="Sampling rate of the frames (Wan: 16 fps).")
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoConfig:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(
+                f"num_frames must be 1 + 4k (the VAE groups 4 frames per latent), got {self.num_frames}"
+            )
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        return self
+
+
+class ComputeConfig(_Frozen):
+    decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each PyAV decode task.")
+    vae_actors: int = Field(
+        1, ge=1, description="Size of the VAE actor pool (one per accelerator on a cluster)."
+    )
+    vae_num_gpus: float = Field(0.0, ge=0, description="GPUs per VAE actor (0 on a CPU box).")
+    vae_num_cpus: float = Field(1.0, gt=0, description="CPUs per VAE actor.")
+    vae_batch_size: int = Field(4, ge=1, description="Clips per VAE forward.")
+    vae_dtype: Literal["float32", "bfloat16"] = Field("float32", description="VAE compute dtype.")
+    text_batch_size: int = Field(16, ge=1, description="Clips per text-embedding call.")
+    shard_size: int = Field(16, ge=1, description="Clips per latent shard written to the store.")
+
+
+class EncodeConfig(_Frozen):
+    manifest: str = Field(
+        description="Manifest of clips (JSONL or Parquet); relative uris are relative to it."
+    )
+    store: StorageConfig = Field(default_factory=StorageConfig, description="Where the latent store lives.")
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    actions: ActionConfig = Field(default_factory=ActionConfig, description="Registered action modalities.")
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    retry_quarantined: bool = Field(
+        False, description="Retry clips quarantined by an earlier run of this config."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; None: $RAY_ADDRESS or a local cluster."
+    )
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
+
+    def encode_hash(self) -> str:
+        """Hash of everything that shapes a stored clip: re-running with the same hash skips done clips."""
+        key = {
+            "version": ENCODE_FORMAT_VERSION,
+            "video": self.video.model_dump(mode="json"),
+            "vae": self.vae.model_dump(mode="json"),
+            "text_encoder": self.text_encoder.model_dump(mode="json", include={"kind", "path", "max_length"}),
+            "modalities": [m.model_dump(mode="json") for m in self.actions.modalities],
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+ENCODE_PRESETS: dict[str, dict[str, Any]] = {
+    # the real resolution; the VAE comes from vae.pretrained_path, UMT5 from text_encoder.path
+    "wan2.1-1.3b": {"text_encoder": {"kind": "umt5"}},
+    # a laptop: 64x64, 17 frames (5 latents), the tiny VAE, MiniLM prompts
+    "tiny": {
+        "video": {"height": 64, "width": 64, "num_frames": 17, "fps": 16.0},
+        "vae": PRESETS["tiny"]["vae"],
+        "compute": {"vae_batch_size": 4, "shard_size": 8},
+        "progress_interval_s": 2.0,
+    },
+}
+
+
+def load_encode_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> EncodeConfig:
+    return load_config(path, overrides, model_cls=EncodeConfig, presets=ENCODE_PRESETS)
