@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    ray.init(address=config.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    # a local cluster gets at least 4 logical CPUs: the decode tasks, the VAE, prompt and writer actors
+    # must all fit at once, or Ray Data waits forever for a free CPU
+    local = {} if address else {"num_cpus": max(4, os.cpu_count() or 1)}
+    ray.init(address=address, log_to_driver=False, **local)
     summary = run_encode(config)
     print(summary.line())
     return 0

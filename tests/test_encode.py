@@ -127,6 +127,21 @@ def test_s3_store_end_to_end(tmp_path, ray_local, s3_server):
     assert all(torch.equal(r.latents, store.get(r.clip_id).latents) for r in rows)
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of a session: a job's driver and the local Ray it started (Ray workers
+    sit in process groups of their own, so killing the driver's group is not enough)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of /proc/<pid>/stat: the session id
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _job_env() -> dict:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -134,7 +149,7 @@ def _job_env() -> dict:
 
 
 def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
-    manifest = write_dataset(tmp_path / "data", 16, "mixed", size=(64, 64), num_frames=17, fps=16.0, seed=3)
+    manifest = write_dataset(tmp_path / "data", 40, "mixed", size=(64, 64), num_frames=17, fps=16.0, seed=3)
     good = {json.loads(line)["clip_id"] for line in manifest.read_text().splitlines()}
     store_dir = tmp_path / "store"
     cmd = [
@@ -157,17 +172,17 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
                 if (store_dir / "latents").is_dir()
                 else []
             )
-            if len(shards) >= 2:
+            if shards:
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert proc.poll() is None, "the job finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait(30)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_session(proc.pid)  # kill -9 the whole job: driver, raylet, workers
+        proc.wait(30)
     store = LatentStore(str(store_dir))
     partial = store.count_rows()
+    time.sleep(2)
+    assert store.count_rows() == partial, "a killed job kept writing"
     assert 0 < len(partial) < len(good) and all(n == 1 for n in partial.values())
 
     done = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=300)
@@ -244,12 +259,7 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
         assert "encoded 3, skipped 0, quarantined 0" in job.stdout
         assert len(LatentStore(str(tmp_path / "store")).clip_ids()) == 3
     finally:
-        # stop only the cluster this test started: its own process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if head.poll() is None:
-                os.killpg(head.pid, sig)
-                try:
-                    head.wait(20)
-                except subprocess.TimeoutExpired:
-                    continue
+        # stop only the cluster this test started: the session it runs in
+        _kill_session(head.pid)
+        head.wait(30)
         shutil.rmtree(temp, ignore_errors=True)

@@ -85,7 +85,11 @@ def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSu
 def build_dataset(todo: list[dict], config: EncodeConfig) -> ray.data.Dataset:
     c = config.compute
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
-    ds = ds.map(decode_row, fn_kwargs={"config": config}, num_cpus=c.decode_num_cpus)
+    # ray_remote_args_fn keeps decode its own task-pool operator: with equal remote args Ray Data fuses
+    # it into the VAE actors (as on a CPU-only cluster), which serialises decoding with encoding.
+    ds = ds.map(
+        decode_row, fn_kwargs={"config": config}, ray_remote_args_fn=lambda: {"num_cpus": c.decode_num_cpus}
+    )
     ds = ds.map_batches(
         VAEEncoder,
         fn_constructor_kwargs={"config": config},
@@ -98,7 +102,7 @@ def build_dataset(todo: list[dict], config: EncodeConfig) -> ray.data.Dataset:
         PromptEmbedder,
         fn_constructor_kwargs={"config": config},
         batch_size=c.text_batch_size,
-        num_cpus=1,
+        num_cpus=0.25,  # a small encoder that is idle most of the time
         # one embedder: each distinct prompt is embedded and stored once
         compute=ray.data.ActorPoolStrategy(size=1),
     )
@@ -106,7 +110,7 @@ def build_dataset(todo: list[dict], config: EncodeConfig) -> ray.data.Dataset:
         ShardWriter,
         fn_constructor_kwargs={"config": config},
         batch_size=c.shard_size,
-        num_cpus=0.5,
+        num_cpus=0.25,
         compute=ray.data.ActorPoolStrategy(size=1),
     )
 
