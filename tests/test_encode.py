@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -136,10 +137,8 @@ def _kill_session(sid: int) -> None:
         except OSError:
             continue
         if int(fields[3]) == sid:  # field 6 of /proc/<pid>/stat: the session id
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(stat.parent.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _job_env() -> dict:
