@@ -21,7 +21,9 @@ from astra.data.manifest import read_manifest
 from astra.data.store import LATENTS, LatentStore
 from astra.encode.config import EncodeConfig
 from astra.encode.decode import decode_row
-from astra.encode.stages import PromptEmbedder, ShardWriter, VAEEncoder
+from astra.encode.prompts import PromptEmbedder
+from astra.encode.vae import VAEEncoder
+from astra.encode.writer import ShardWriter
 
 log = logging.getLogger("astra.encode")
 
@@ -34,6 +36,7 @@ class EncodeSummary:
     quarantined: int = 0
     video_seconds: float = 0.0
     wall_seconds: float = 0.0
+    first_result_seconds: float = 0.0  # start-up: time until the first clip came out of the pipeline
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -150,6 +153,8 @@ def run_encode(config: EncodeConfig) -> EncodeSummary:
                 batch["status"], batch["clip_id"], batch["reason"], batch["video_seconds"], strict=True
             ):
                 processed += 1
+                if processed == 1:
+                    summary.first_result_seconds = time.monotonic() - start
                 if status == "encoded":
                     summary.encoded += 1
                     summary.video_seconds += float(seconds)

@@ -1,21 +1,30 @@
-"""The Astra model: Wan-2.1 backbone reuse, ACT-Adapter, MoAE, FramePack history, RoPE at indices."""
+"""The Astra model: Wan-2.1 backbone reuse, ACT-Adapter, MoAE, FramePack history, RoPE at indices.
 
-from astra.model.framepack import ChunkInputs, ChunkPlan, TokenGroup, pack_chunk, plan_chunk
-from astra.model.io import build_wan, load_astra, load_wan, save_astra
-from astra.model.trainable import count_params, mark_trainable
-from astra.model.transformer import AstraTransformer
+Names are resolved lazily (PEP 562) so that importing a light submodule such as ``astra.model.text``
+does not pull in diffusers: Ray worker processes that only need one piece start seconds faster.
+"""
 
-__all__ = [
-    "AstraTransformer",
-    "ChunkInputs",
-    "ChunkPlan",
-    "TokenGroup",
-    "build_wan",
-    "count_params",
-    "load_astra",
-    "load_wan",
-    "mark_trainable",
-    "pack_chunk",
-    "plan_chunk",
-    "save_astra",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "AstraTransformer": "astra.model.transformer",
+    "ChunkInputs": "astra.model.framepack",
+    "ChunkPlan": "astra.model.framepack",
+    "TokenGroup": "astra.model.framepack",
+    "pack_chunk": "astra.model.framepack",
+    "plan_chunk": "astra.model.framepack",
+    "build_wan": "astra.model.io",
+    "load_astra": "astra.model.io",
+    "load_wan": "astra.model.io",
+    "save_astra": "astra.model.io",
+    "count_params": "astra.model.trainable",
+    "mark_trainable": "astra.model.trainable",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'astra.model' has no attribute {name!r}")

@@ -50,7 +50,7 @@ class WanVAE(nn.Module):
                 num_res_blocks=cfg.num_res_blocks,
                 **stats,
             )
-        return cls(vae if dtype is None else vae.to(dtype))
+        return cls(vae if dtype in (None, torch.float32) else vae.to(dtype))
 
     @property
     def temporal_factor(self) -> int:

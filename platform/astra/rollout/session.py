@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load, save
 
+from astra.data.actions import MODALITY_RAW_DIMS, rest_action
+
 FORMAT = "astra-session/1"
 
 
@@ -43,7 +45,8 @@ class RolloutSession:
         null_prompt: torch.Tensor | None = None,
     ) -> RolloutSession:
         """A new session from the start image's latents (C, 1, h, w) (or (C, 0, h, w): no image).
-        The start frame has no predecessor, so its action row is zero."""
+        The start frame has no predecessor: its action row is the modality's rest action (no motion),
+        as the encode job stores it (zeros for a modality without action maths)."""
         if start_latents.ndim != 4:
             raise ValueError(f"start_latents: expected (C, F, h, w), got shape {tuple(start_latents.shape)}")
         generator = torch.Generator().manual_seed(seed)
@@ -51,7 +54,7 @@ class RolloutSession:
             session_id=session_id,
             modality=modality,
             history=start_latents.float().contiguous(),
-            actions=torch.zeros(start_latents.shape[1], raw_dim),
+            actions=_rest_rows(modality, raw_dim, start_latents.shape[1]),
             prompt=prompt.contiguous(),
             seed=seed,
             rng_state=generator.get_state(),
@@ -115,6 +118,12 @@ class RolloutSession:
             step=int(meta["step"]),
             null_prompt=tensors.get("null_prompt"),
         )
+
+
+def _rest_rows(modality: str, raw_dim: int, n: int) -> torch.Tensor:
+    if MODALITY_RAW_DIMS.get(modality) == raw_dim:
+        return torch.from_numpy(rest_action(modality)).float().expand(n, -1).clone()
+    return torch.zeros(n, raw_dim)
 
 
 def _metadata(data: bytes) -> dict[str, str]:
