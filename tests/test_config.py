@@ -54,3 +54,26 @@ def test_modality_registry_validation():
     assert cfg.model.actions.modality_id("kb") == 1 and cfg.model.actions.max_raw_dim == 12
     with pytest.raises(ConfigError, match="unknown modality 'robot'"):
         cfg.model.actions.modality("robot")
+
+
+def test_every_field_is_documented():
+    from pydantic import BaseModel
+
+    from astra.config import AstraConfig, TextEncoderConfig
+    from astra.encode.config import EncodeConfig
+
+    seen = set()
+
+    def walk(cls):
+        if cls in seen:
+            return
+        seen.add(cls)
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
+            ann = field.annotation
+            for t in (ann, *getattr(ann, "__args__", ())):
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    walk(t)
+
+    for cls in (AstraConfig, EncodeConfig, TextEncoderConfig):
+        walk(cls)

@@ -69,5 +69,7 @@ def test_start_row_is_the_rest_action_as_stored_by_the_encode_job():
     s = RolloutSession.start("c", "camera", torch.zeros(4, 1, 8, 8), torch.zeros(2, 384), raw_dim=12, seed=0)
     stored_first_row = actions_from_states("camera", torch.eye(4)[None].numpy())[0]
     assert torch.equal(s.actions[0], torch.from_numpy(stored_first_row))
-    other = RolloutSession.start("k", "keyboard", torch.zeros(4, 1, 8, 8), torch.zeros(2, 384), raw_dim=5, seed=0)
+    other = RolloutSession.start(
+        "k", "keyboard", torch.zeros(4, 1, 8, 8), torch.zeros(2, 384), raw_dim=5, seed=0
+    )
     assert torch.equal(other.actions, torch.zeros(1, 5))

@@ -201,9 +201,13 @@ class FramePackConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    actions: ActionConfig = Field(default_factory=ActionConfig)
-    framepack: FramePackConfig = Field(default_factory=FramePackConfig)
+    """The AstraTransformer: backbone architecture plus Astra's additions."""
+
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Wan-2.1 architecture.")
+    actions: ActionConfig = Field(default_factory=ActionConfig, description="Modalities and the MoAE.")
+    framepack: FramePackConfig = Field(
+        default_factory=FramePackConfig, description="History packing per chunk."
+    )
 
 
 class VAEConfig(_Frozen):
@@ -293,10 +297,10 @@ class SamplerConfig(_Frozen):
 class AstraConfig(_Frozen):
     """Everything the library needs; jobs and serving add their own sections on top."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    vae: VAEConfig = Field(default_factory=VAEConfig)
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The transformer.")
+    vae: VAEConfig = Field(default_factory=VAEConfig, description="The video VAE.")
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig, description="Training objective.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Chunk sampling at inference.")
 
     @model_validator(mode="after")
     def _check(self) -> AstraConfig:

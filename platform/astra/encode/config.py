@@ -19,6 +19,8 @@ class _Frozen(BaseModel):
 
 
 class VideoConfig(_Frozen):
+    """How clips are sampled: resolution (resize + centre crop), frame count and rate."""
+
     height: int = Field(480, ge=16, description="Output height in pixels (a multiple of 16).")
     width: int = Field(832, ge=16, description="Output width in pixels (a multiple of 16).")
     num_frames: int = Field(
@@ -57,11 +59,11 @@ class EncodeConfig(_Frozen):
         description="Manifest of clips (JSONL or Parquet); relative uris are relative to it."
     )
     store: StorageConfig = Field(default_factory=StorageConfig, description="Where the latent store lives.")
-    video: VideoConfig = Field(default_factory=VideoConfig)
-    vae: VAEConfig = Field(default_factory=VAEConfig)
-    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig, description="Frame sampling and resolution.")
+    vae: VAEConfig = Field(default_factory=VAEConfig, description="The VAE that encodes frames to latents.")
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Prompt encoder.")
     actions: ActionConfig = Field(default_factory=ActionConfig, description="Registered action modalities.")
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="Parallelism and batch sizes.")
     retry_quarantined: bool = Field(
         False, description="Retry clips quarantined by an earlier run of this config."
     )

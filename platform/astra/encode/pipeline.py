@@ -88,11 +88,12 @@ def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSu
 def build_dataset(todo: list[dict], config: EncodeConfig) -> ray.data.Dataset:
     c = config.compute
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
-    # ray_remote_args_fn keeps decode its own task-pool operator: with equal remote args Ray Data fuses
-    # it into the VAE actors (as on a CPU-only cluster), which serialises decoding with encoding.
-    ds = ds.map(
-        decode_row, fn_kwargs={"config": config}, ray_remote_args_fn=lambda: {"num_cpus": c.decode_num_cpus}
-    )
+    v = config.video
+    # A decode task's working set (decoded frames, resized copies, PyAV buffers). Reserving it also
+    # keeps decode its own task-pool operator: with identical remote args Ray Data would fuse it into
+    # the VAE actors (as on a CPU-only cluster) and serialise decoding with encoding.
+    decode_memory = 4 * v.num_frames * v.height * v.width * 3 + 256 * 2**20
+    ds = ds.map(decode_row, fn_kwargs={"config": config}, num_cpus=c.decode_num_cpus, memory=decode_memory)
     ds = ds.map_batches(
         VAEEncoder,
         fn_constructor_kwargs={"config": config},
