@@ -20,14 +20,16 @@ class ConfigError(ValueError):
     """A user configuration problem; the message names the field or setting to fix."""
 
 
-class _Frozen(BaseModel):
+class FrozenModel(BaseModel):
+    """Base of every config model: immutable, unknown keys rejected."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
 
 # ----------------------------------------------------------------------------- model
 
 
-class BackboneConfig(_Frozen):
+class BackboneConfig(FrozenModel):
     """The Wan-2.1 transformer architecture (mirrors ``diffusers.WanTransformer3DModel``'s arguments)."""
 
     num_layers: int = Field(30, ge=1, description="Number of DiT blocks (Wan-2.1 1.3B: 30).")
@@ -103,7 +105,7 @@ class BackboneConfig(_Frozen):
         )
 
 
-class ModalitySpec(_Frozen):
+class ModalitySpec(FrozenModel):
     """One action modality: a registry entry. Adding a modality = one entry here (a projector and,
     with hard routing, the expert it is sent to)."""
 
@@ -112,7 +114,7 @@ class ModalitySpec(_Frozen):
     expert: int = Field(ge=0, description="Expert index this modality is routed to under hard routing.")
 
 
-class ActionConfig(_Frozen):
+class ActionConfig(FrozenModel):
     """Action encoding and the Mixture of Action Experts (MoAE)."""
 
     modalities: tuple[ModalitySpec, ...] = Field(
@@ -170,7 +172,7 @@ class ActionConfig(_Frozen):
         return [m.name for m in self.modalities].index(self.modality(name).name)
 
 
-class FramePackConfig(_Frozen):
+class FramePackConfig(FrozenModel):
     """History layout per chunk, in latent frames. Token order is ``[4x | 2x | 1x | target]``."""
 
     target_frames: int = Field(
@@ -200,7 +202,7 @@ class FramePackConfig(_Frozen):
         return self
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(FrozenModel):
     """The AstraTransformer: backbone architecture plus Astra's additions."""
 
     backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Wan-2.1 architecture.")
@@ -210,7 +212,7 @@ class ModelConfig(_Frozen):
     )
 
 
-class VAEConfig(_Frozen):
+class VAEConfig(FrozenModel):
     """The Wan VAE (``diffusers.AutoencoderKLWan``). Real weights come from ``pretrained_path``."""
 
     pretrained_path: str | None = Field(
@@ -235,7 +237,7 @@ class VAEConfig(_Frozen):
         return f"random:{self.base_dim}-{self.z_dim}-{'.'.join(map(str, self.dim_mult))}-{self.num_res_blocks}-seed{self.seed}"
 
 
-class TextEncoderConfig(_Frozen):
+class TextEncoderConfig(FrozenModel):
     """Which text encoder embeds prompts (see astra.model.text)."""
 
     kind: Literal["minilm", "umt5"] = Field(
@@ -250,7 +252,7 @@ class TextEncoderConfig(_Frozen):
 # ----------------------------------------------------------------------------- diffusion
 
 
-class DiffusionConfig(_Frozen):
+class DiffusionConfig(FrozenModel):
     """Flow-matching training: x_t = (1-s) x0 + s eps, the model predicts v = eps - x0 at t = 1000 s."""
 
     shift: float = Field(5.0, gt=0, description="Timestep shift of the sigma schedule (Wan: 5).")
@@ -279,7 +281,7 @@ class DiffusionConfig(_Frozen):
         return self
 
 
-class SamplerConfig(_Frozen):
+class SamplerConfig(FrozenModel):
     """Euler flow sampling of one chunk with Action-Free Guidance."""
 
     num_steps: int = Field(50, ge=1, description="Euler steps per chunk.")
@@ -294,7 +296,7 @@ class SamplerConfig(_Frozen):
     )
 
 
-class AstraConfig(_Frozen):
+class AstraConfig(FrozenModel):
     """Everything the library needs; jobs and serving add their own sections on top."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="The transformer.")

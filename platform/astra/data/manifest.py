@@ -17,14 +17,14 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
+
+from astra.config import FrozenModel
 
 PoseFormat = Literal["astra", "spatialvid", "sekai"]
 
 
-class ClipRecord(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class ClipRecord(FrozenModel):
     clip_id: str = Field(min_length=1, description="Stable unique id; the encode job's idempotency key.")
     uri: str = Field(
         min_length=1, description="Video file: a path (relative to the manifest) or s3://bucket/key."

@@ -14,12 +14,12 @@ import uuid
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from astra.config import FrozenModel
 
 
-class StorageConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class StorageConfig(FrozenModel):
     uri: str = Field("runs/store", description="Local folder or s3://bucket/prefix.")
     s3_endpoint: str | None = Field(
         None,

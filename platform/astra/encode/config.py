@@ -6,19 +6,15 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from astra.config import PRESETS, ActionConfig, TextEncoderConfig, VAEConfig, load_config
+from astra.config import PRESETS, ActionConfig, FrozenModel, TextEncoderConfig, VAEConfig, load_config
 from astra.data.storage import StorageConfig
 
 ENCODE_FORMAT_VERSION = 1
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class VideoConfig(_Frozen):
+class VideoConfig(FrozenModel):
     """How clips are sampled: resolution (resize + centre crop), frame count and rate."""
 
     height: int = Field(480, ge=16, description="Output height in pixels (a multiple of 16).")
@@ -41,7 +37,7 @@ class VideoConfig(_Frozen):
         return self
 
 
-class ComputeConfig(_Frozen):
+class ComputeConfig(FrozenModel):
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each PyAV decode task.")
     vae_actors: int = Field(
         1, ge=1, description="Size of the VAE actor pool (one per accelerator on a cluster)."
@@ -54,7 +50,7 @@ class ComputeConfig(_Frozen):
     shard_size: int = Field(16, ge=1, description="Clips per latent shard written to the store.")
 
 
-class EncodeConfig(_Frozen):
+class EncodeConfig(FrozenModel):
     manifest: str = Field(
         description="Manifest of clips (JSONL or Parquet); relative uris are relative to it."
     )
