@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -207,7 +208,22 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
     cfg.write_text(f"preset: tiny\nmanifest: {manifest}\nstore:\n  uri: {tmp_path / 'store'}\n")
     port, dash = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
-    temp = Path("/tmp") / f"ray-astra-{os.getpid()}-{port}"  # short: Ray's socket paths have a length limit
+    # short: Ray's socket paths have a length limit that pytest's tmp_path can exceed
+    temp = Path(tempfile.gettempdir()) / f"ray-astra-{os.getpid()}-{port}"
+    # every port of its own, so it never collides with another cluster on this machine (e.g. the
+    # in-process one of the other ray tests): a taken agent port leaves the head without a job agent
+    own_ports = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    ]
     head = subprocess.Popen(
         [
             ray_bin,
@@ -220,6 +236,7 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
             "--num-cpus=4",
             f"--temp-dir={temp}",
             "--include-dashboard=true",
+            *own_ports,
         ],
         env=_job_env(),
         start_new_session=True,
@@ -236,24 +253,14 @@ def test_ray_job_submit_against_a_head_node(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline and head.poll() is None, "ray head did not come up"
                 time.sleep(1)
-        job = subprocess.run(
-            [
-                ray_bin,
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--",
-                sys.executable,
-                str(ROOT / "jobs" / "encode.py"),
-                "--config",
-                str(cfg),
-            ],
-            env=_job_env(),
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+        submit = [ray_bin, "job", "submit", "--address", address, "--"]
+        submit += [sys.executable, str(ROOT / "jobs" / "encode.py"), "--config", str(cfg)]
+        while True:
+            job = subprocess.run(submit, env=_job_env(), capture_output=True, text=True, timeout=400)
+            # the dashboard answers before the head's job agent has registered: retry that case only
+            if "No available agent" not in job.stderr or time.monotonic() > deadline + 60:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "encoded 3, skipped 0, quarantined 0" in job.stdout
         assert len(LatentStore(str(tmp_path / "store")).clip_ids()) == 3
