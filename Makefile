@@ -27,6 +27,9 @@ lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+bench:
+	$(PY) bench/encode.py
+
 format:
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .

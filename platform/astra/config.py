@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -53,15 +53,19 @@ class BackboneConfig(FrozenModel):
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
-    @model_validator(mode="after")
-    def _check(self) -> BackboneConfig:
-        if self.patch_size[0] != 1:
-            raise ValueError(
-                "patch_size: Astra's FramePack packing needs a temporal patch of 1, e.g. (1, 2, 2)"
-            )
-        if self.attention_head_dim % 2:
-            raise ValueError("attention_head_dim must be even (RoPE rotates channel pairs)")
-        return self
+    @field_validator("patch_size")
+    @classmethod
+    def _temporal_patch_1(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if v[0] != 1:
+            raise ValueError("Astra's FramePack packing needs a temporal patch of 1, e.g. (1, 2, 2)")
+        return v
+
+    @field_validator("attention_head_dim")
+    @classmethod
+    def _even_head_dim(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even (RoPE rotates channel pairs)")
+        return v
 
     def wan_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``diffusers.WanTransformer3DModel(**kwargs)``."""
@@ -193,13 +197,13 @@ class FramePackConfig(FrozenModel):
         "(FramePack-F1). False drops it once it leaves the window, as the reference code does.",
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> FramePackConfig:
-        if self.frames_2x % 2:
-            raise ValueError(f"frames_2x must be a multiple of 2, got {self.frames_2x}")
-        if self.frames_4x % 4:
-            raise ValueError(f"frames_4x must be a multiple of 4, got {self.frames_4x}")
-        return self
+    @field_validator("frames_2x", "frames_4x")
+    @classmethod
+    def _whole_blocks(cls, v: int, info) -> int:
+        block = 2 if info.field_name == "frames_2x" else 4
+        if v % block:
+            raise ValueError(f"must be a multiple of {block} (whole {block}-frame blocks), got {v}")
+        return v
 
 
 class ModelConfig(FrozenModel):
@@ -273,12 +277,12 @@ class DiffusionConfig(FrozenModel):
         description="Probability that a sample's actions and flags are all zeroed (for AFG).",
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> DiffusionConfig:
-        lo, hi = self.noise_as_mask_sigma
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"noise_as_mask_sigma must satisfy 0 <= low <= high <= 1, got {(lo, hi)}")
-        return self
+    @field_validator("noise_as_mask_sigma")
+    @classmethod
+    def _sigma_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError(f"must satisfy 0 <= low <= high <= 1, got {v}")
+        return v
 
 
 class SamplerConfig(FrozenModel):

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from astra.config import PRESETS, ActionConfig, FrozenModel, TextEncoderConfig, VAEConfig, load_config
 from astra.data.storage import StorageConfig
@@ -26,15 +26,19 @@ class VideoConfig(FrozenModel):
     )
     fps: float = Field(16.0, gt=0, description="Sampling rate of the frames (Wan: 16 fps).")
 
-    @model_validator(mode="after")
-    def _check(self) -> VideoConfig:
-        if (self.num_frames - 1) % 4:
-            raise ValueError(
-                f"num_frames must be 1 + 4k (the VAE groups 4 frames per latent), got {self.num_frames}"
-            )
-        if self.height % 16 or self.width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
-        return self
+    @field_validator("num_frames")
+    @classmethod
+    def _one_plus_4k(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"must be 1 + 4k (the VAE groups 4 frames per latent), got {v}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (VAE 8x, patch 2x), got {v}")
+        return v
 
 
 class ComputeConfig(FrozenModel):
