@@ -116,8 +116,19 @@ def test_encode_quarantines_bad_input_and_is_idempotent(tmp_path, ray_local):
     assert other.encode_hash() != config.encode_hash()
 
 
-def test_s3_store_end_to_end(tmp_path, ray_local, s3_server):
-    manifest = write_dataset(tmp_path / "data", 3, "camera", size=(64, 64), num_frames=21, fps=16.0, seed=2)
+def test_s3_clips_and_store_end_to_end(tmp_path, ray_local, s3_server):
+    """Source clips *and* the latent store on the S3 server: nothing touches local disk but the manifest."""
+    import boto3
+
+    local = write_dataset(tmp_path / "data", 3, "camera", size=(64, 64), num_frames=21, fps=16.0, seed=2)
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    records = [json.loads(line) for line in local.read_text().splitlines()]
+    for rec in records:
+        for key in ("uri", "poses_uri"):
+            s3.upload_file(str(local.parent / rec[key]), "astra", f"clips/{rec[key]}")
+            rec[key] = f"s3://astra/clips/{rec[key]}"
+    manifest = tmp_path / "s3-manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     config = _config(manifest, "s3://astra/e2e", f"store.s3_endpoint={s3_server}")
     assert run_encode(config).encoded == 3
     store = LatentStore(config.store)

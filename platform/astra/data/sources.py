@@ -26,7 +26,9 @@ import numpy as np
 
 from astra.data.actions import opencv_c2w_to_opengl, quat_to_matrix
 from astra.data.manifest import ClipRecord, write_manifest
-from astra.data.storage import read_bytes
+from astra.data.storage import StorageConfig
+
+LOCAL = StorageConfig()
 
 
 def _w2c_quat_to_c2w(poses: np.ndarray) -> np.ndarray:
@@ -37,16 +39,18 @@ def _w2c_quat_to_c2w(poses: np.ndarray) -> np.ndarray:
     return np.linalg.inv(w2c)
 
 
-def _load_npy(uri: str) -> np.ndarray:
-    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
+def _load_npy(uri: str, storage: StorageConfig) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
 
-def load_spatialvid(folder: str, video_fps: float, pose_fps: float | None) -> tuple[np.ndarray, np.ndarray]:
-    poses = _load_npy(f"{folder}/poses.npy").astype(np.float64)
+def load_spatialvid(
+    folder: str, video_fps: float, pose_fps: float | None, storage: StorageConfig = LOCAL
+) -> tuple[np.ndarray, np.ndarray]:
+    poses = _load_npy(f"{folder}/poses.npy", storage).astype(np.float64)
     if poses.ndim != 2 or poses.shape[1] != 7:
         raise ValueError(f"poses: SpatialVID poses.npy must be (N, 7), got {poses.shape}")
     try:
-        lines = read_bytes(f"{folder}/indexes.txt").decode().split("\n")
+        lines = storage.read_bytes(f"{folder}/indexes.txt").decode().split("\n")
         frames = np.array([float(ln.split()[1]) for ln in lines if len(ln.split()) == 2])
         times = frames / video_fps
     except (FileNotFoundError, OSError):
@@ -56,11 +60,13 @@ def load_spatialvid(folder: str, video_fps: float, pose_fps: float | None) -> tu
     return times, opencv_c2w_to_opengl(_w2c_quat_to_c2w(poses))
 
 
-def load_sekai(uri: str, video_fps: float, pose_fps: float | None) -> tuple[np.ndarray, np.ndarray]:
+def load_sekai(
+    uri: str, video_fps: float, pose_fps: float | None, storage: StorageConfig = LOCAL
+) -> tuple[np.ndarray, np.ndarray]:
     if uri.endswith(".npy"):
-        mats = _load_npy(uri).astype(np.float64)
+        mats = _load_npy(uri, storage).astype(np.float64)
     else:
-        rows = [ln.split() for ln in read_bytes(uri).decode().splitlines() if ln.strip()]
+        rows = [ln.split() for ln in storage.read_bytes(uri).decode().splitlines() if ln.strip()]
         if any(len(r) not in (16, 17) for r in rows):
             raise ValueError(
                 "poses: a Sekai camera line must hold 16 numbers (optionally after a frame index)"
@@ -72,22 +78,25 @@ def load_sekai(uri: str, video_fps: float, pose_fps: float | None) -> tuple[np.n
     return times, opencv_c2w_to_opengl(np.linalg.inv(mats))
 
 
-def load_astra(uri: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as z:
+def load_astra(uri: str, storage: StorageConfig = LOCAL) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
         if "times" not in z or "states" not in z:
             raise ValueError("poses: an astra pose file needs arrays 'times' and 'states'")
         return z["times"].astype(np.float64), z["states"].astype(np.float64)
 
 
-def load_poses(record: ClipRecord, video_fps: float) -> tuple[np.ndarray, np.ndarray]:
-    """(times (N,), canonical states) of a clip. Raises ValueError / OSError on bad or missing poses."""
+def load_poses(
+    record: ClipRecord, video_fps: float, storage: StorageConfig = LOCAL
+) -> tuple[np.ndarray, np.ndarray]:
+    """(times (N,), canonical states) of a clip; ``storage`` holds the S3 settings for s3:// uris.
+    Raises ValueError / OSError on bad or missing poses."""
     if record.poses_uri is None:
         raise ValueError("poses: the manifest record has no poses_uri")
     if record.pose_format == "spatialvid":
-        return load_spatialvid(record.poses_uri, video_fps, record.pose_fps)
+        return load_spatialvid(record.poses_uri, video_fps, record.pose_fps, storage)
     if record.pose_format == "sekai":
-        return load_sekai(record.poses_uri, video_fps, record.pose_fps)
-    return load_astra(record.poses_uri)
+        return load_sekai(record.poses_uri, video_fps, record.pose_fps, storage)
+    return load_astra(record.poses_uri, storage)
 
 
 # ----------------------------------------------------------------------------- manifest builders

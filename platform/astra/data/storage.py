@@ -28,7 +28,21 @@ class StorageConfig(FrozenModel):
     s3_region: str = Field("us-east-1", description="S3 region.")
 
     def filesystem(self, uri: str | None = None) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path) of ``uri`` (default: this config's own uri) with these S3 settings."""
         return resolve(uri or self.uri, self.s3_endpoint, self.s3_region)
+
+    def read_bytes(self, uri: str) -> bytes:
+        """The whole object / file at ``uri`` (local path or s3://)."""
+        fs, path = self.filesystem(uri)
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+
+    def open_binary(self, uri: str) -> io.BufferedIOBase:
+        """A seekable binary file: the file itself for local paths, an in-memory copy of remote objects."""
+        fs, path = self.filesystem(uri)
+        if isinstance(fs, pafs.LocalFileSystem):
+            return open(path, "rb")  # the caller closes it
+        return io.BytesIO(self.read_bytes(uri))
 
 
 def resolve(
@@ -49,20 +63,6 @@ def resolve(
         raise ValueError(f"uri: unsupported scheme '{parsed.scheme}' in {uri!r} (use a local path or s3://)")
     path = parsed.path if parsed.scheme == "file" else uri
     return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def read_bytes(uri: str, s3_endpoint: str | None = None, s3_region: str = "us-east-1") -> bytes:
-    fs, path = resolve(uri, s3_endpoint, s3_region)
-    with fs.open_input_stream(path) as fh:
-        return fh.read()
-
-
-def open_binary(uri: str, s3_endpoint: str | None = None, s3_region: str = "us-east-1") -> io.BufferedIOBase:
-    """A seekable binary file for local paths, an in-memory copy for remote objects."""
-    fs, path = resolve(uri, s3_endpoint, s3_region)
-    if isinstance(fs, pafs.LocalFileSystem):
-        return open(path, "rb")  # the caller closes it
-    return io.BytesIO(read_bytes(uri, s3_endpoint, s3_region))
 
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

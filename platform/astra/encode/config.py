@@ -59,6 +59,10 @@ class EncodeConfig(FrozenModel):
         description="Manifest of clips (JSONL or Parquet); relative uris are relative to it."
     )
     store: StorageConfig = Field(default_factory=StorageConfig, description="Where the latent store lives.")
+    sources: StorageConfig | None = Field(
+        None,
+        description="S3 settings (s3_endpoint, s3_region) for s3:// clip and pose uris; None: the store's.",
+    )
     video: VideoConfig = Field(default_factory=VideoConfig, description="Frame sampling and resolution.")
     vae: VAEConfig = Field(default_factory=VAEConfig, description="The VAE that encodes frames to latents.")
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Prompt encoder.")
@@ -71,6 +75,10 @@ class EncodeConfig(FrozenModel):
         None, description="Ray cluster address; None: $RAY_ADDRESS or a local cluster."
     )
     progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines.")
+
+    @property
+    def source_storage(self) -> StorageConfig:
+        return self.sources or self.store
 
     def encode_hash(self) -> str:
         """Hash of everything that shapes a stored clip: re-running with the same hash skips done clips."""

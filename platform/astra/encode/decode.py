@@ -11,7 +11,6 @@ import numpy as np
 from astra.data.actions import MODALITY_RAW_DIMS, interpolate_states, latent_actions
 from astra.data.manifest import ClipRecord
 from astra.data.sources import load_poses
-from astra.data.storage import open_binary
 from astra.data.video import ClipError, decode_clip
 from astra.encode.config import EncodeConfig
 
@@ -55,12 +54,12 @@ def decode_row(record: dict, config: EncodeConfig) -> dict:
         if rec.modality not in MODALITY_RAW_DIMS or MODALITY_RAW_DIMS[rec.modality] != raw_dim:
             raise ValueError(f"modality '{rec.modality}' has no action maths for raw_dim {raw_dim}")
         try:
-            source = open_binary(rec.uri, config.store.s3_endpoint, config.store.s3_region)
+            source = config.source_storage.open_binary(rec.uri)
         except (OSError, ValueError) as err:
             raise ClipError(f"cannot read {rec.uri}: {err}") from None
         with source:
             clip = decode_clip(source, video.num_frames, (video.height, video.width), video.fps, rec.fps)
-        times, states = load_poses(rec, clip.source_fps)
+        times, states = load_poses(rec, clip.source_fps, config.source_storage)
         frame_states = interpolate_states(rec.modality, times, states, clip.times)
         actions = latent_actions(rec.modality, frame_states)
     except (ClipError, ValueError, OSError, KeyError) as err:

@@ -104,7 +104,11 @@ class AstraTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward helpers
 
-    def _layout(self, inputs: ChunkInputs, target_hw: tuple[int, int], num_target_frames: int) -> TokenLayout:
+    def token_layout(
+        self, inputs: ChunkInputs, target_hw: tuple[int, int], num_target_frames: int
+    ) -> TokenLayout:
+        """RoPE, action pooling and token->slot map of a chunk. Depends only on the inputs' frame
+        indices and sizes, not on x_t or t: a sampler computes it once and passes it to every step."""
         bb = self.config.backbone
         _, ph, pw = bb.patch_size
         base = (target_hw[0] // ph, target_hw[1] // pw)
@@ -139,7 +143,11 @@ class AstraTransformer(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, x_t: torch.Tensor, timestep: torch.Tensor, inputs: ChunkInputs
+        self,
+        x_t: torch.Tensor,
+        timestep: torch.Tensor,
+        inputs: ChunkInputs,
+        layout: TokenLayout | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x_t (B, C, T, h, w) noisy target latents, timestep (B,) = sigma * 1000.
 
@@ -148,7 +156,8 @@ class AstraTransformer(nn.Module):
         """
         batch, _, num_frames, height, width = x_t.shape
         _, ph, pw = self.config.backbone.patch_size
-        layout = self._layout(inputs, (height, width), num_frames)
+        if layout is None:
+            layout = self.token_layout(inputs, (height, width), num_frames)
 
         # 1. tokens
         hidden_states = self._embed_tokens(x_t, inputs)

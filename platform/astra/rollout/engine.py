@@ -15,7 +15,7 @@ from astra.config import AstraConfig
 from astra.diffusion.flow import sampling_sigmas, timestep_from_sigma
 from astra.diffusion.sampler import Guidance, VelocityFn, euler_sample
 from astra.model.framepack import ChunkInputs, concat_inputs, pack_chunk, plan_chunk
-from astra.model.transformer import AstraTransformer
+from astra.model.transformer import AstraTransformer, TokenLayout
 from astra.rollout.session import RolloutSession
 
 
@@ -66,15 +66,18 @@ def branch_velocity_fn(
             history=variants["noact"].history,
             target=variants["noact"].target,
         )
-    cache: dict[tuple[str, ...], ChunkInputs] = {}
+    # per branch combination: the batched inputs and their token layout, built once per chunk
+    cache: dict[tuple[str, ...], tuple[ChunkInputs, TokenLayout]] = {}
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, branches: tuple[str, ...]) -> torch.Tensor:
         if branches not in cache:
             if "null" in branches and "null" not in variants:
                 raise ValueError("sampler.text_guidance != 1 needs a null prompt embedding in the session")
-            cache[branches] = concat_inputs([variants[b] for b in branches])
+            batched = concat_inputs([variants[b] for b in branches])
+            cache[branches] = (batched, model.token_layout(batched, tuple(x.shape[-2:]), x.shape[2]))
+        batched, layout = cache[branches]
         t = timestep_from_sigma(sigma).to(model.device)
-        v, _ = model(x.to(model.device, model.dtype), t, cache[branches])
+        v, _ = model(x.to(model.device, model.dtype), t, batched, layout)
         return v.float()
 
     return velocity
