@@ -61,8 +61,9 @@ def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSu
     records, rejects = read_manifest(config.manifest)
     summary = EncodeSummary(total=len(records) + len(rejects))
     done = store.clip_ids(encode_hash)
+    quarantined_before = store.quarantined(encode_hash)
     if not config.retry_quarantined:
-        done |= set(store.quarantined(encode_hash))
+        done |= set(quarantined_before)
     already = {r.clip_id for r in records} & done
     summary.skipped = len(already)
     new_rejects = [
@@ -75,8 +76,7 @@ def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSu
         }
         for rej in rejects
     ]
-    # a duplicate id already quarantined (or encoded) on an earlier run is not written twice
-    quarantined_before = store.quarantined(encode_hash)
+    # a manifest reject already quarantined for the same reason on an earlier run is not written twice
     new_rejects = [r for r in new_rejects if quarantined_before.get(r["clip_id"]) != r["reason"]]
     store.quarantine(new_rejects)
     summary.quarantined += len(new_rejects)
