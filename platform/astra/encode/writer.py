@@ -5,8 +5,6 @@ Imports only the store (no diffusers / transformers), so its actor starts fast.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -15,7 +13,7 @@ from astra.encode.config import EncodeConfig
 
 
 class ShardWriter:
-    """Task: write the batch's good rows as one latent shard and its bad rows as one quarantine shard."""
+    """Actor: write the batch's good rows as one latent shard and its bad rows as one quarantine shard."""
 
     def __init__(self, config: EncodeConfig):
         self.config = config
@@ -66,5 +64,4 @@ class ShardWriter:
             "status": np.array(["quarantined" if e else "encoded" for e in batch["error"]], dtype=object),
             "reason": batch["error"],
             "video_seconds": batch["video_seconds"],
-            "written_at": np.full(len(batch["error"]), time.time()),
         }
