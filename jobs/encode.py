@@ -1,25 +1,32 @@
 """Encode clips into the latent store.
 
+    python jobs/encode.py preset=tiny manifest=runs/clips/manifest.jsonl store.uri=runs/store
     python jobs/encode.py --config encode.yaml [dotted.key=value ...]
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/encode.py --config encode.yaml
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python jobs/encode.py --config encode.yaml manifest=s3://bucket/manifest.jsonl store.uri=s3://bucket/store
 
-With no cluster address (``ray_address`` / $RAY_ADDRESS) a local Ray starts in-process. The config
-may name a preset (``preset: tiny``); see astra.encode.config for every field. Exit code 0 even when
-clips were quarantined (the summary says how many); 2 for a bad configuration.
+With no cluster address (``ray.address`` / $RAY_ADDRESS) a local Ray starts in-process. On a cluster
+the manifest and store must be absolute paths every node sees, or s3:// uris, and this checkout's
+library is shipped to the workers (``ray.ship_library``). The config may name a preset (``preset:
+tiny``); see astra.encode.config for every field. Exit codes: 0 done (even with quarantined clips:
+the summary says how many), 2 bad configuration (before Ray starts where possible), 3 the watchdog
+gave up (``watchdog.fail_after_s``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+from pathlib import Path
 
-import ray
+# the library of this checkout, also inside the copy `ray job submit --working-dir .` uploads
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
-from astra.encode.config import load_encode_config
-from astra.encode.pipeline import run_encode
+from astra.encode.config import load_encode_config, resolve_paths
+
+log = logging.getLogger("astra.encode")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,21 +34,30 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="YAML config file (may name a preset)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. video.num_frames=33")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. video.max_frames=33")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        config = load_encode_config(args.config, args.overrides)
+        config = resolve_paths(load_encode_config(args.config, args.overrides))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    # a local cluster gets at least 4 logical CPUs: the decode tasks, the VAE, prompt and writer actors
-    # must all fit at once, or Ray Data waits forever for a free CPU
-    local = {} if address else {"num_cpus": max(4, os.cpu_count() or 1)}
-    ray.init(address=address, log_to_driver=False, **local)
-    summary = run_encode(config)
-    print(summary.line())
+
+    from astra.encode.pipeline import EncodeStalled, report, run_encode
+    from astra.runtime import connect
+
+    ray = connect(config.ray)
+    shipped = f"; library shipped from {ray.shipped}" if ray.shipped else ""
+    log.info("Ray (%s) ready in %.1f s%s", ray.address, ray.seconds, shipped)
+    try:
+        summary = run_encode(config, startup_seconds=ray.seconds)
+    except ConfigError as err:  # the pipeline does not fit this cluster
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except EncodeStalled as err:
+        print(f"error: encode stalled: {err}; finished shards are kept, re-run to resume", file=sys.stderr)
+        return 3
+    print(report(config, summary))
     return 0
 
 

@@ -13,7 +13,7 @@ from astra.data.sources import build_sekai_manifest, build_spatialvid_manifest, 
 from astra.data.synthetic.dataset import encode_mp4
 from astra.data.video import ClipError, decode_clip
 from astra.encode.config import load_encode_config
-from astra.encode.decode import decode_row
+from astra.encode.decode import decode_windows_of
 
 FPS = 30.0
 N_SRC = 60  # 2 s of source video
@@ -83,7 +83,14 @@ def _spatialvid_tree(root, clip_id="0a1b2c3d-0000"):
 
 
 def _config():
-    return load_encode_config(None, ["preset=tiny", "manifest=unused.jsonl", "video.num_frames=17"])
+    return load_encode_config(
+        None, ["preset=tiny", "manifest=unused.jsonl", "video.max_frames=17", "video.min_frames=17"]
+    )
+
+
+def decode_row(record, config):
+    """The first window of a record, through the encode job's own decode stage."""
+    return next(decode_windows_of(record, config))
 
 
 def _check_row_matches_ground_truth(row):

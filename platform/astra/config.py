@@ -9,6 +9,8 @@ line overrides such as ``model.backbone.num_layers=4``.
 from __future__ import annotations
 
 import copy
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -355,11 +357,32 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model that ``loc`` points into, for "did you mean" hints."""
+    cls: Any = model_cls
+    for part in loc[:-1]:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return []
+        ann = cls.model_fields[part].annotation
+        # Optional[Model] / Model | None: the model member of the union
+        cls = next(
+            (t for t in (ann, *typing.get_args(ann)) if isinstance(t, type) and issubclass(t, BaseModel)),
+            None,
+        )
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _format_validation_error(err: ValidationError, model_cls: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{loc}: {e['msg']}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and model_cls is not None:
+            # a typo'd key: name the nearest real field at the same place
+            near = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(model_cls, e["loc"]), n=1)
+            if near:
+                msg += f"; did you mean '{'.'.join([*map(str, e['loc'][:-1]), near[0]])}'?"
+        lines.append(f"{loc}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -398,7 +421,7 @@ def build_config(
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(_format_validation_error(err, model_cls)) from None
 
 
 def load_config(

@@ -20,9 +20,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from astra.data.actions import opencv_c2w_to_opengl, quat_to_matrix
 from astra.data.manifest import ClipRecord, write_manifest
@@ -115,8 +117,8 @@ def _caption(folder: Path) -> str:
     return next((v for v in data.values() if isinstance(v, str)), "")
 
 
-def build_spatialvid_manifest(root: str | Path, out: str | Path) -> Path:
-    """Manifest of a SpatialVID(-HQ) folder: ``videos/group_*/<id>.mp4`` + ``annotations/group_*/<id>/``."""
+def spatialvid_records(root: str | Path) -> list[ClipRecord]:
+    """Records of a SpatialVID(-HQ) folder: ``videos/group_*/<id>.mp4`` + ``annotations/group_*/<id>/``."""
     root = Path(root)
     records = []
     for folder in sorted((root / "annotations").glob("group_*/*")):
@@ -136,11 +138,15 @@ def build_spatialvid_manifest(root: str | Path, out: str | Path) -> Path:
         )
     if not records:
         raise ValueError(f"{root}: no annotations/group_*/<clip>/poses.npy found (not a SpatialVID folder)")
-    return write_manifest(records, out)
+    return records
 
 
-def build_sekai_manifest(root: str | Path, csv_path: str | Path, out: str | Path) -> Path:
-    """Manifest of a Sekai folder from its annotation CSV (columns ``videoFile``, ``cameraFile``,
+def build_spatialvid_manifest(root: str | Path, out: str | Path) -> Path:
+    return write_manifest(spatialvid_records(root), out)
+
+
+def sekai_records(root: str | Path, csv_path: str | Path) -> list[ClipRecord]:
+    """Records of a Sekai folder from its annotation CSV (columns ``videoFile``, ``cameraFile``,
     ``caption``; optional ``fps``): videos under ``root/videos``, camera files under ``root/cameras``."""
     root = Path(root)
     records = []
@@ -162,4 +168,57 @@ def build_sekai_manifest(root: str | Path, csv_path: str | Path, out: str | Path
                     pose_format="sekai",
                 )
             )
-    return write_manifest(records, out)
+    return records
+
+
+def build_sekai_manifest(root: str | Path, csv_path: str | Path, out: str | Path) -> Path:
+    return write_manifest(sekai_records(root, csv_path), out)
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+
+
+def folder_records(
+    root: str,
+    modality: str = "camera",
+    prompt: str = "",
+    dataset: str | None = None,
+    storage: StorageConfig = LOCAL,
+) -> list[ClipRecord]:
+    """Records of every video under a local folder or ``s3://`` prefix (any depth).
+
+    Clip id: ``<dataset>/<path below root without suffix>``. Sidecars next to a video ``x.mp4``:
+    ``x.txt`` holds its prompt (else ``prompt``), ``x.poses.npz`` its poses in the ``astra`` format
+    (else the clip is action-free). Uris are absolute paths or ``s3://`` uris."""
+    remote = "://" in root
+    fs, base = storage.filesystem(root)
+    if fs.get_file_info(base).type.name != "Directory":
+        raise ValueError(f"root: not a folder or prefix: {root}")
+    files = {f.path: f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if f.is_file}
+    dataset = dataset or base.rstrip("/").rsplit("/", 1)[-1]
+
+    def uri(path: str) -> str:
+        return f"s3://{path}" if remote else path
+
+    records = []
+    for path in sorted(files):
+        stem, suffix = os.path.splitext(path)
+        if suffix.lower() not in VIDEO_SUFFIXES:
+            continue
+        text = f"{stem}.txt"
+        caption = storage.read_bytes(uri(text)).decode().strip() if text in files else prompt
+        poses = f"{stem}.poses.npz"
+        records.append(
+            ClipRecord(
+                clip_id=f"{dataset}/{stem[len(base) :].lstrip('/')}",
+                uri=uri(path),
+                dataset=dataset,
+                modality=modality,
+                prompt=caption,
+                poses_uri=uri(poses) if poses in files else None,
+                pose_format="astra",
+            )
+        )
+    if not records:
+        raise ValueError(f"root: no videos ({', '.join(VIDEO_SUFFIXES)}) under {root}")
+    return records

@@ -7,15 +7,23 @@ Layout under the store root::
     quarantine/part-<key>.parquet  rejected clips and why (schema QUARANTINE_SCHEMA)
     stats/<encode_hash>.json       per-modality action statistics of the encoded clips
 
-``latents`` columns: ``clip_id``, ``dataset``, ``modality``, ``latents`` (raw bytes) with
-``latents_shape`` (C, F, h, w) and ``latents_dtype`` (Arrow has no bfloat16, so tensors are stored as
-bytes + dtype + shape), ``actions`` (float32 bytes) with ``actions_shape`` (F, raw_dim) — one row per
-latent frame, ``prompt_key`` (into ``prompts``), ``source_uri``, ``vae_id``, ``encode_hash`` (of the
-encode settings that shape the latents), ``num_frames``, ``fps``, ``height``, ``width``.
+    index/latents.parquet          the catalog: what each latent shard holds (astra.data.catalog)
+
+``latents`` columns: ``clip_id`` (the row's unique key), ``source_clip_id`` (the manifest's clip id),
+``window`` / ``last_window`` / ``start_seconds`` (a long clip is stored as consecutive windows: window k
+of clip c has id ``c`` for k = 0 and ``c#k`` after; the last one is flagged so a resumed run knows the
+clip is complete), ``dataset``, ``modality``, ``latents`` (raw bytes) with ``latents_shape`` (C, F, h, w)
+and ``latents_dtype`` (Arrow has no bfloat16, so tensors are stored as bytes + dtype + shape),
+``actions`` (float32 bytes) with ``actions_shape`` (F, raw_dim) — one row per latent frame, or (0,
+raw_dim) for an *action-free* clip (plain video: training treats it as null actions), ``prompt_key``
+(into ``prompts``), ``source_uri``, ``vae_id``, ``encode_hash`` (of the encode settings that shape the
+latents), ``num_frames``, ``fps``, ``height``, ``width``. Each latent shard's footer carries its
+per-modality action statistics (``astra.stats``), so statistics never re-read the action column.
 
 Shards are immutable and written atomically (see ``storage.write_atomic``), named by a hash of their
 content's clip ids, so a retried writer overwrites its own shard instead of duplicating rows. The
-store never rewrites a shard; readers ignore anything that is not ``part-*.parquet``.
+store never rewrites a shard; readers ignore anything that is not ``part-*.parquet``. Quarantine rows
+carry their time: a clip's status is its latest row, and a clip stored later is no longer quarantined.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,13 +40,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from astra.data.actions import ActionStats
 from astra.data.storage import StorageConfig, write_atomic
 
 LATENTS, PROMPTS, QUARANTINE, STATS = "latents", "prompts", "quarantine", "stats"
+STATS_KEY = b"astra.stats"  # footer metadata of a latent shard: {encode_hash: {modality: ActionStats}}
 
 LATENTS_SCHEMA = pa.schema(
     [
         ("clip_id", pa.string()),
+        ("source_clip_id", pa.string()),
+        ("window", pa.int32()),
+        ("last_window", pa.bool_()),
+        ("start_seconds", pa.float32()),
         ("dataset", pa.string()),
         ("modality", pa.string()),
         ("latents", pa.binary()),
@@ -72,6 +87,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("reason", pa.string()),
         ("encode_hash", pa.string()),
+        ("quarantined_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
 SCHEMAS = {LATENTS: LATENTS_SCHEMA, PROMPTS: PROMPTS_SCHEMA, QUARANTINE: QUARANTINE_SCHEMA}
@@ -114,11 +130,24 @@ class LatentRecord:
     fps: float
     height: int
     width: int
+    source_clip_id: str = ""  # the manifest's clip id ("" = clip_id)
+    window: int = 0  # index of this window within the source clip
+    last_window: bool = True  # no later window of the source clip exists
+    start_seconds: float = 0.0  # where the window starts in the source video
+
+    @property
+    def has_actions(self) -> bool:
+        """False for an action-free clip (plain video: no poses, zero action rows)."""
+        return self.actions.shape[0] > 0
 
     @classmethod
     def from_row(cls, row: dict) -> LatentRecord:
         return cls(
             clip_id=row["clip_id"],
+            source_clip_id=row.get("source_clip_id") or row["clip_id"],
+            window=row.get("window") or 0,
+            last_window=row.get("last_window") is not False,
+            start_seconds=row.get("start_seconds") or 0.0,
             dataset=row["dataset"],
             modality=row["modality"],
             latents=tensor_from_bytes(row["latents"], row["latents_shape"], row["latents_dtype"]),
@@ -138,6 +167,10 @@ class LatentRecord:
         act, act_shape, _ = tensor_to_bytes(self.actions.float())
         return {
             "clip_id": self.clip_id,
+            "source_clip_id": self.source_clip_id or self.clip_id,
+            "window": self.window,
+            "last_window": self.last_window,
+            "start_seconds": self.start_seconds,
             "dataset": self.dataset,
             "modality": self.modality,
             "latents": lat,
@@ -162,6 +195,24 @@ def shard_name(keys: list[str], salt: str = "") -> str:
     return f"part-{digest}.parquet"
 
 
+def shard_stats(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per-(encode hash, modality) action statistics of latent rows, as stored in a shard's footer."""
+    stats: dict[str, dict[str, ActionStats]] = {}
+    for row in rows:
+        count, dim = row["actions_shape"]
+        if not count:  # action-free clip
+            continue
+        actions = np.frombuffer(row["actions"], np.float32).reshape(count, dim)
+        per_hash = stats.setdefault(row["encode_hash"], {})
+        per_hash[row["modality"]] = per_hash.get(row["modality"], ActionStats.empty(dim)).update(actions)
+    return {h: {m: s.to_dict() for m, s in per.items()} for h, per in stats.items()}
+
+
+def _later(a, b) -> bool:
+    """Quarantine times: is ``a`` at or after ``b``? (Rows of older stores have no time: oldest.)"""
+    return a is not None and (b is None or a >= b)
+
+
 # ----------------------------------------------------------------------------- the store
 
 
@@ -169,10 +220,17 @@ class LatentStore:
     def __init__(self, config: StorageConfig | str):
         self.config = StorageConfig(uri=config) if isinstance(config, str) else config
         self.fs, self.root = self.config.filesystem()
-        self._index: dict[str, str] | None = None
+        self._catalog = None  # cached for random access; planning always refreshes
 
     def __repr__(self) -> str:
         return f"LatentStore({self.config.uri!r})"
+
+    def catalog(self):
+        """The catalog of latent shards, refreshed (see astra.data.catalog)."""
+        from astra.data.catalog import Catalog
+
+        self._catalog = Catalog(self).refresh()
+        return self._catalog
 
     # ------------------------------------------------------------------ files
 
@@ -186,16 +244,22 @@ class LatentStore:
         ]
         return sorted(names)
 
-    def write_rows(self, table: str, rows: list[dict], key_column: str, salt: str = "") -> str | None:
-        """Write rows as one immutable shard; returns its path (None for no rows)."""
+    def write_rows(
+        self, table: str, rows: list[dict], key_column: str, salt: str = "", metadata: dict | None = None
+    ) -> str | None:
+        """Write rows as one immutable shard (``metadata``: JSON documents for its footer); returns its
+        path (None for no rows)."""
         if not rows:
             return None
         arrow = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
+        if metadata:
+            arrow = arrow.replace_schema_metadata(
+                {**(arrow.schema.metadata or {}), **{k: json.dumps(v) for k, v in metadata.items()}}
+            )
         buf = io.BytesIO()
         pq.write_table(arrow, buf, compression="zstd")
         path = f"{self.root}/{table}/{shard_name([str(r[key_column]) for r in rows], salt)}"
         write_atomic(self.fs, path, buf.getvalue())
-        self._index = None
         return path
 
     def read_table(self, table: str, columns: list[str] | None = None, filter=None) -> pa.Table:
@@ -208,35 +272,31 @@ class LatentStore:
     # ------------------------------------------------------------------ latents
 
     def write_latents(self, records: list[LatentRecord]) -> str | None:
-        return self.write_rows(LATENTS, [r.to_row() for r in records], "clip_id", salt="latents")
+        return self.write_latent_rows([r.to_row() for r in records])
+
+    def write_latent_rows(self, rows: list[dict]) -> str | None:
+        """Rows in LATENTS_SCHEMA's layout (``LatentRecord.to_row``) as one shard, with its statistics."""
+        return self.write_rows(
+            LATENTS, rows, "clip_id", salt="latents", metadata={STATS_KEY: shard_stats(rows)}
+        )
 
     def clip_ids(self, encode_hash: str | None = None) -> set[str]:
-        t = self.read_table(LATENTS, ["clip_id", "encode_hash"])
-        ids, hashes = t.column("clip_id").to_pylist(), t.column("encode_hash").to_pylist()
-        return {i for i, h in zip(ids, hashes, strict=True) if encode_hash is None or h == encode_hash}
+        """Ids of the stored latent rows (windows included), from the catalog."""
+        return set(self.catalog().rows(encode_hash).column("clip_id").to_pylist())
 
     def count_rows(self, table: str = LATENTS) -> dict[str, int]:
-        """Rows per clip id (the exactly-once check)."""
+        """Rows per clip id (the exactly-once check), read from the shards themselves."""
         col = "prompt_key" if table == PROMPTS else "clip_id"
         counts: dict[str, int] = {}
         for cid in self.read_table(table, [col]).column(col).to_pylist():
             counts[cid] = counts.get(cid, 0) + 1
         return counts
 
-    def _build_index(self) -> dict[str, str]:
-        index: dict[str, str] = {}
-        for path in self.files(LATENTS):
-            for cid in (
-                pq.read_table(path, columns=["clip_id"], filesystem=self.fs).column("clip_id").to_pylist()
-            ):
-                index.setdefault(cid, path)
-        return index
-
     def get(self, clip_id: str) -> LatentRecord | None:
-        """Random access by clip id (an id -> shard index is built on first use)."""
-        if self._index is None:
-            self._index = self._build_index()
-        path = self._index.get(clip_id)
+        """Random access by row id (the catalog says which shard holds it)."""
+        path = self._catalog.shard_of(clip_id) if self._catalog is not None else None
+        if path is None:  # unknown to the cached catalog: another writer may have added it since
+            path = self.catalog().shard_of(clip_id)
         if path is None:
             return None
         rows = pq.read_table(path, filesystem=self.fs, filters=[("clip_id", "=", clip_id)]).to_pylist()
@@ -276,15 +336,33 @@ class LatentStore:
     # ------------------------------------------------------------------ quarantine
 
     def quarantine(self, rows: list[dict]) -> str | None:
-        """rows: dicts with clip_id, source_uri, stage, reason, encode_hash."""
-        return self.write_rows(QUARANTINE, rows, "clip_id", salt="quarantine")
+        """rows: dicts with clip_id (the manifest's), source_uri, stage, reason, encode_hash; stamped now."""
+        now = time.time_ns() // 1_000_000
+        rows = [{**r, "quarantined_at": r.get("quarantined_at") or now} for r in rows]
+        # the time is part of the shard's name: a clip quarantined again later gets a new row
+        return self.write_rows(QUARANTINE, rows, "clip_id", salt=f"quarantine-{now}")
+
+    def quarantine_table(
+        self, encode_hash: str | None = None, complete: set[str] | None = None
+    ) -> list[dict]:
+        """Each clip's *latest* quarantine row, minus clips stored completely since (a retry that
+        succeeded); ``complete``: those clips, when the caller already has them from the catalog."""
+        latest: dict[str, dict] = {}
+        for row in self.read_table(QUARANTINE).to_pylist():
+            if encode_hash is not None and row["encode_hash"] != encode_hash:
+                continue
+            have = latest.get(row["clip_id"])
+            if have is None or _later(row["quarantined_at"], have["quarantined_at"]):
+                latest[row["clip_id"]] = row
+        if latest:
+            if complete is None:
+                complete = self.catalog().complete_clips(encode_hash)
+            latest = {cid: r for cid, r in latest.items() if cid not in complete}
+        return sorted(latest.values(), key=lambda r: r["clip_id"])
 
     def quarantined(self, encode_hash: str | None = None) -> dict[str, str]:
-        """clip_id -> reason."""
-        t = self.read_table(QUARANTINE).to_pylist()
-        return {
-            r["clip_id"]: r["reason"] for r in t if encode_hash is None or r["encode_hash"] == encode_hash
-        }
+        """clip_id -> reason of each clip whose latest status is quarantined."""
+        return {r["clip_id"]: r["reason"] for r in self.quarantine_table(encode_hash)}
 
     # ------------------------------------------------------------------ small JSON documents
 

@@ -1,13 +1,20 @@
-"""Video decode with PyAV: sample 1 + 4k frames at a target fps, resize + centre-crop, uint8 RGB.
+"""Video decode with PyAV: frames sampled at a target fps, resized + centre-cropped, in windows of 1 + 4k.
 
-Frames are decoded in order and only the ones nearest to the target times t_k = k / target_fps
-are converted (swscale resize in C, then a numpy centre crop), so memory stays at the output size
-whatever the source resolution. The *actual* timestamps of the chosen frames are returned, so poses
-are interpolated at exactly the instants the pixels show.
+Frames are decoded in order and only the ones nearest to the target times t_k = k / target_fps are
+converted (swscale resize in C, then a numpy centre crop), so memory stays at the output size whatever
+the source resolution. The *actual* timestamps of the chosen frames are returned, so poses are
+interpolated at exactly the instants the pixels show.
+
+A clip is cut into consecutive windows of ``max_frames`` samples (1 + 4k, the VAE's grouping); window
+k + 1 starts on window k's last sample, so the windows tile the clip without a gap. The final window
+is the longest 1 + 4k that the rest of the clip gives, kept if it has at least ``min_frames``. Windows
+are yielded one at a time (memory: about two windows, however long the video), each flagged ``last``
+or not, so a consumer always knows when a clip is complete.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -20,9 +27,11 @@ class ClipError(ValueError):
 
 @dataclass(frozen=True)
 class DecodedClip:
-    frames: np.ndarray  # (N, H, W, 3) uint8
+    frames: np.ndarray  # (N, H, W, 3) uint8, N = 1 + 4k
     times: np.ndarray  # (N,) seconds of each chosen frame
     source_fps: float
+    window: int = 0  # index of this window in the clip
+    last: bool = True  # no window follows
 
 
 def _resize_crop(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
@@ -33,63 +42,146 @@ def _resize_crop(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
     return img[top : top + height, left : left + width]
 
 
-def decode_clip(
-    source,
-    num_frames: int,
+@dataclass
+class _Counter:
+    decoded: int = 0  # frames the container gave
+    rate: float = 0.0
+
+
+def _samples(
+    container,
     size: tuple[int, int],
     target_fps: float,
-    fps: float | None = None,
-) -> DecodedClip:
-    """Decode ``num_frames`` frames at ``target_fps`` from the start of ``source`` (path or file object).
+    fps: float | None,
+    limit: int,
+    until: float | None,
+    seen: _Counter,
+) -> Iterator[tuple[float, np.ndarray]]:
+    """(time, frame) nearest to each target time k / target_fps, k < limit, up to ``until`` seconds."""
+    if not container.streams.video:
+        raise ClipError("no video stream in the file")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    rate = fps or (float(stream.average_rate) if stream.average_rate else None)
+    if not rate:
+        raise ClipError("unknown frame rate: set fps in the manifest")
+    seen.rate = rate
+    k, prev = 0, None  # next target index; (time, frame) of the previous decoded frame
 
-    Raises ClipError with a readable reason for empty, truncated, non-video or too-short inputs.
-    """
-    height, width = size
-    targets = np.arange(num_frames) / target_fps
+    def target(i: int) -> float:
+        return i / target_fps
+
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            seen.decoded = index + 1
+            t = float(frame.time) if frame.time is not None and fps is None else index / rate
+            # settle every target at or before this frame: the nearer of prev / this
+            while k < limit and target(k) <= t and (until is None or target(k) <= until):
+                use = (
+                    prev if prev is not None and abs(prev[0] - target(k)) < abs(t - target(k)) else (t, frame)
+                )
+                yield use[0], _resize_crop(use[1], *size)
+                k += 1
+            if k == limit or (until is not None and target(k) > until):
+                return
+            prev = (t, frame)
+    except av.error.FFmpegError as err:
+        # a truncated file: what decoded is the clip
+        if prev is None and k == 0:
+            raise ClipError(f"undecodable video ({type(err).__name__}: {err})") from None
+    # targets after the last frame but within half a frame interval of it take the last frame
+    while prev is not None and k < limit and target(k) - prev[0] <= 0.5 / rate:
+        if until is not None and target(k) > until:
+            return
+        yield prev[0], _resize_crop(prev[1], *size)
+        k += 1
+
+
+def _open(source):
     if hasattr(source, "seek"):
         if source.seek(0, 2) == 0:
             raise ClipError("empty file (0 bytes)")
         source.seek(0)
     try:
-        container = av.open(source)
+        return av.open(source)
     except (av.error.FFmpegError, OSError, ValueError) as err:
         raise ClipError(f"not a readable video ({type(err).__name__}: {err})") from None
-    with container:
+
+
+def probe_fps(source) -> float:
+    """The video's average frame rate from its header (no decoding); rewinds a file object."""
+    with _open(source) as container:
         if not container.streams.video:
             raise ClipError("no video stream in the file")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = fps or (float(stream.average_rate) if stream.average_rate else None)
-        if not rate:
-            raise ClipError("unknown frame rate: set fps in the manifest")
-        chosen: list[np.ndarray] = []
+        rate = float(stream.average_rate) if stream.average_rate else 0.0
+    if hasattr(source, "seek"):
+        source.seek(0)
+    if not rate:
+        raise ClipError("unknown frame rate: set fps in the manifest")
+    return rate
+
+
+def decode_windows(
+    source,
+    size: tuple[int, int],
+    target_fps: float,
+    max_frames: int,
+    min_frames: int,
+    max_windows: int = 1,
+    fps: float | None = None,
+    until: float | None = None,
+) -> Iterator[DecodedClip]:
+    """Decode ``source`` (path or file object) into windows of ``max_frames`` frames at ``target_fps``
+    (the final one may be shorter, down to ``min_frames``); at most ``max_windows``; nothing after
+    ``until`` seconds (e.g. where the poses end).
+
+    Raises ClipError with a readable reason for empty, non-video or too-short inputs (before yielding
+    anything: a clip either gives at least one window or none).
+    """
+    assert (max_frames - 1) % 4 == 0 and (min_frames - 1) % 4 == 0 and min_frames <= max_frames
+    container = _open(source)
+    stride = max_frames - 1  # window k+1 starts on window k's last sample
+    seen = _Counter()
+    with container:
+        frames: list[np.ndarray] = []
         times: list[float] = []
-        prev: tuple[float, av.VideoFrame] | None = None
-        index = 0
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                t = float(frame.time) if frame.time is not None and fps is None else index / rate
-                # settle every target that lies at or before this frame: nearest of prev / this
-                while len(chosen) < num_frames and targets[len(chosen)] <= t:
-                    target = targets[len(chosen)]
-                    use = prev if prev is not None and abs(prev[0] - target) < abs(t - target) else (t, frame)
-                    chosen.append(_resize_crop(use[1], height, width))
-                    times.append(use[0])
-                if len(chosen) == num_frames:
-                    break
-                prev = (t, frame)
-        except av.error.FFmpegError as err:
-            # a truncated file: keep what decoded, decide below
-            if not chosen and prev is None:
-                raise ClipError(f"undecodable video ({type(err).__name__}: {err})") from None
-        # targets after the last frame but within one frame interval of it take the last frame
-        while prev is not None and len(chosen) < num_frames and targets[len(chosen)] - prev[0] <= 0.5 / rate:
-            chosen.append(_resize_crop(prev[1], height, width))
-            times.append(prev[0])
-    if len(chosen) < num_frames:
-        have = len(chosen)
-        raise ClipError(
-            f"too few frames: need {num_frames} at {target_fps:g} fps "
-            f"({(num_frames - 1) / target_fps:.2f} s), the video gives {have} (decoded {index + 1} frames at {rate:g} fps)"
+        window, pending = 0, None  # a finished window held back until we know whether it is the last
+        # samples that prove a next window exists (>= 5: a 1-frame tail would only repeat the boundary)
+        next_exists = max(min_frames, 5)
+        for t, img in _samples(container, size, target_fps, fps, stride * max_windows + 1, until, seen):
+            frames.append(img)
+            times.append(t)
+            if pending is not None and len(frames) >= next_exists:
+                yield pending  # the next window will exist: this one is not the last
+                pending = None
+            if len(frames) == max_frames:
+                pending = DecodedClip(np.stack(frames), np.asarray(times), seen.rate, window, last=False)
+                window += 1
+                frames, times = frames[-1:], times[-1:]
+    usable = 1 + 4 * ((len(frames) - 1) // 4) if frames else 0
+    tail = None
+    if usable >= min_frames and (pending is None or usable >= 5):
+        tail = DecodedClip(
+            np.stack(frames[:usable]), np.asarray(times[:usable]), seen.rate, window, last=True
         )
-    return DecodedClip(np.stack(chosen), np.asarray(times), float(rate))
+    if pending is not None:
+        yield DecodedClip(
+            pending.frames, pending.times, pending.source_fps, pending.window, last=tail is None
+        )
+    if tail is not None:
+        yield tail
+    elif pending is None:
+        limit = f"; the poses end at {until:.2f} s" if until is not None else ""
+        raise ClipError(
+            f"too few frames: need at least {min_frames} at {target_fps:g} fps "
+            f"({(min_frames - 1) / target_fps:.2f} s), the video gives {len(frames)} "
+            f"(decoded {seen.decoded} frames at {seen.rate:g} fps{limit})"
+        )
+
+
+def decode_clip(
+    source, num_frames: int, size: tuple[int, int], target_fps: float, fps: float | None = None
+) -> DecodedClip:
+    """Exactly ``num_frames`` (1 + 4k) frames from the start of ``source``; ClipError if it is shorter."""
+    return next(decode_windows(source, size, target_fps, num_frames, num_frames, 1, fps))

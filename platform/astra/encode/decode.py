@@ -1,36 +1,41 @@
-"""The CPU stage of the encode job: one manifest record -> sampled frames + per-latent action rows.
+"""The CPU stage of the encode job: one manifest record -> its windows (sampled frames + action rows).
 
 Kept free of torch / diffusers imports so the many decode worker processes start fast. A bad clip
-never raises here: its row carries ``error`` (the quarantine reason) and ``stage``.
+never raises here: it yields one row carrying ``error`` (the quarantine reason) and ``stage`` —
+``poses`` (the pose file or its timing), ``read`` (the video cannot be opened) or ``decode`` (not a
+video, too short). Poses are read *before* the video is decoded, so a clip with broken poses costs no
+decoding, and the video is only decoded as far as the poses reach.
+
+A clip without ``poses_uri`` (the plan has already checked its modality may go without) is
+*action-free*: its rows carry no action rows, and training uses it as plain video / null actions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
-from astra.data.actions import MODALITY_RAW_DIMS, interpolate_states, latent_actions
+from astra.data.actions import interpolate_states, latent_actions
 from astra.data.manifest import ClipRecord
 from astra.data.sources import load_poses
-from astra.data.video import ClipError, decode_clip
+from astra.data.video import ClipError, decode_windows, probe_fps
 from astra.encode.config import EncodeConfig
 
-#: columns every row carries through the pipeline (the rest are stage payloads)
-ROW_KEYS = (
-    "clip_id",
-    "dataset",
-    "modality",
-    "prompt",
-    "source_uri",
-    "fps",
-    "error",
-    "stage",
-    "video_seconds",
-)
+
+def window_id(source_clip_id: str, window: int) -> str:
+    """Row id of window ``window`` of a clip: the clip's own id for the first, ``id#k`` after."""
+    return source_clip_id if window == 0 else f"{source_clip_id}#{window}"
 
 
 def error_row(record: dict, stage: str, reason: str) -> dict:
+    cid = str(record.get("clip_id") or "")
     return {
-        "clip_id": str(record.get("clip_id") or ""),
+        "clip_id": cid,
+        "source_clip_id": cid,
+        "window": 0,
+        "last_window": True,
+        "start_seconds": 0.0,
         "dataset": str(record.get("dataset") or ""),
         "modality": str(record.get("modality") or ""),
         "prompt": str(record.get("prompt") or ""),
@@ -40,41 +45,91 @@ def error_row(record: dict, stage: str, reason: str) -> dict:
         "stage": stage,
         "video_seconds": 0.0,
         "frames": b"",
+        "num_frames": 0,
         "actions": b"",
-        "num_latents": 0,
+        "num_action_rows": 0,
     }
 
 
-def decode_row(record: dict, config: EncodeConfig) -> dict:
-    """One manifest record -> frames + action rows (CPU). Never raises for bad input."""
-    video = config.video
+def _reason(err: Exception) -> str:
+    return str(err) or type(err).__name__
+
+
+def decode_windows_of(record: dict, config: EncodeConfig, tracker=None) -> Iterator[dict]:
+    """One manifest record (plus ``done_windows``: windows already stored) -> one row per window still
+    to encode, or one error row. Never raises for bad input."""
+    if tracker is not None:
+        tracker.begin.remote("decode", record["clip_id"], record.get("uri", ""))
     try:
-        rec = ClipRecord.model_validate(record)
-        raw_dim = config.actions.modality(rec.modality).raw_dim
-        if rec.modality not in MODALITY_RAW_DIMS or MODALITY_RAW_DIMS[rec.modality] != raw_dim:
-            raise ValueError(f"modality '{rec.modality}' has no action maths for raw_dim {raw_dim}")
+        yield from _windows(record, config)
+    finally:
+        if tracker is not None:
+            tracker.end.remote("decode", record["clip_id"])
+
+
+def _windows(record: dict, config: EncodeConfig) -> Iterator[dict]:
+    video, storage = config.video, config.source_storage
+    done = {int(w) for w in str(record.get("done_windows") or "").split(",") if w}
+    rec = ClipRecord.model_validate({k: v for k, v in record.items() if k != "done_windows"})
+    try:
+        source = storage.open_binary(rec.uri)
+    except (OSError, ValueError) as err:
+        yield error_row(record, "read", f"cannot read {rec.uri}: {_reason(err)}")
+        return
+    with source:
+        poses, until = None, None
+        if rec.poses_uri:
+            try:  # pose files that count video frames need the video's frame rate
+                fps = rec.fps or probe_fps(source)
+            except ClipError as err:
+                yield error_row(record, "decode", _reason(err))
+                return
+            try:
+                poses = load_poses(rec, fps, storage)
+                until = float(poses[0][-1]) + 1e-3  # decode no further than the poses reach
+            except (ValueError, OSError, KeyError) as err:
+                yield error_row(record, "poses", _reason(err))
+                return
+        windows = decode_windows(
+            source,
+            (video.height, video.width),
+            video.fps,
+            video.max_frames,
+            video.min_frames,
+            video.max_windows,
+            rec.fps,
+            until,
+        )
         try:
-            source = config.source_storage.open_binary(rec.uri)
-        except (OSError, ValueError) as err:
-            raise ClipError(f"cannot read {rec.uri}: {err}") from None
-        with source:
-            clip = decode_clip(source, video.num_frames, (video.height, video.width), video.fps, rec.fps)
-        times, states = load_poses(rec, clip.source_fps, config.source_storage)
-        frame_states = interpolate_states(rec.modality, times, states, clip.times)
-        actions = latent_actions(rec.modality, frame_states)
-    except (ClipError, ValueError, OSError, KeyError) as err:
-        return error_row(record, "decode", str(err) or type(err).__name__)
-    return {
-        "clip_id": rec.clip_id,
-        "dataset": rec.dataset,
-        "modality": rec.modality,
-        "prompt": rec.prompt,
-        "source_uri": rec.uri,
-        "fps": float(video.fps),
-        "error": "",
-        "stage": "",
-        "video_seconds": (video.num_frames - 1) / video.fps,
-        "frames": clip.frames.tobytes(),
-        "actions": actions.astype(np.float32).tobytes(),
-        "num_latents": len(actions),
-    }
+            for win in windows:
+                if win.window in done:
+                    continue
+                actions = np.zeros((0, config.actions.modality(rec.modality).raw_dim), np.float32)
+                if poses is not None:
+                    try:
+                        states = interpolate_states(rec.modality, *poses, win.times)
+                        actions = latent_actions(rec.modality, states).astype(np.float32)
+                    except ValueError as err:
+                        yield error_row(record, "poses", _reason(err))
+                        return
+                yield {
+                    "clip_id": window_id(rec.clip_id, win.window),
+                    "source_clip_id": rec.clip_id,
+                    "window": win.window,
+                    "last_window": win.last,
+                    "start_seconds": float(win.times[0]),
+                    "dataset": rec.dataset,
+                    "modality": rec.modality,
+                    "prompt": rec.prompt,
+                    "source_uri": rec.uri,
+                    "fps": float(video.fps),
+                    "error": "",
+                    "stage": "",
+                    "video_seconds": (len(win.frames) - 1) / video.fps,
+                    "frames": win.frames.tobytes(),
+                    "num_frames": len(win.frames),
+                    "actions": actions.tobytes(),
+                    "num_action_rows": len(actions),
+                }
+        except (ClipError, ValueError, OSError) as err:
+            yield error_row(record, "decode", _reason(err))

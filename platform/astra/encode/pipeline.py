@@ -1,112 +1,131 @@
 """The encode job: manifest -> Ray Data (decode -> VAE -> prompts -> shards) -> latent store.
 
-Idempotent and resumable by clip id: clips already in the store under the same encode hash (and,
-unless ``retry_quarantined``, clips already quarantined) are skipped before any work starts. A run
-killed at any point leaves only whole shards behind (atomic writes), so re-running finishes the rest
-and every good clip ends up in the store exactly once. Bad input never stops the job: manifest
-rejects and duplicate ids are quarantined up front, bad clips by the pipeline itself.
+Idempotent and resumable by clip id: clips already stored completely under the same encode hash (and,
+unless ``retry_quarantined``, clips whose latest status is quarantined) are skipped before any work
+starts; a long clip stored only in part resumes at its first missing window. A run killed at any
+point leaves only whole shards behind (atomic writes), so re-running finishes the rest and every good
+window ends up in the store exactly once. Bad input never stops the job: records that cannot be used
+(manifest errors, duplicate ids, unknown modalities, missing poses a modality requires) are
+quarantined up front, before any decoding; bad clips by the pipeline itself.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
 import ray
 
-from astra.data.actions import ActionStats
-from astra.data.manifest import read_manifest
-from astra.data.store import LATENTS, LatentStore
+from astra.data.actions import MODALITY_RAW_DIMS
+from astra.data.catalog import Catalog
+from astra.data.manifest import ClipRecord, Rejected, read_manifest
+from astra.data.store import QUARANTINE, LatentStore
 from astra.encode.config import EncodeConfig
-from astra.encode.decode import decode_row
+from astra.encode.decode import decode_windows_of
+from astra.encode.progress import EncodeSummary, StageTracker, Watchdog, quarantine_report
 from astra.encode.prompts import PromptEmbedder
+from astra.encode.resources import StagePlan, diagnose, size_pipeline
 from astra.encode.vae import VAEEncoder
 from astra.encode.writer import ShardWriter
 
 log = logging.getLogger("astra.encode")
 
 
-@dataclass
-class EncodeSummary:
-    total: int = 0  # records in the manifest (good + rejected)
-    skipped: int = 0  # already in the store (or quarantined) from an earlier run
-    encoded: int = 0
-    quarantined: int = 0
-    video_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    first_result_seconds: float = 0.0  # start-up: time until the first clip came out of the pipeline
-    reasons: dict[str, str] = field(default_factory=dict)
+class EncodeStalled(RuntimeError):
+    """The watchdog gave up: no clip finished for ``watchdog.fail_after_s``."""
 
-    @property
-    def clips_per_second(self) -> float:
-        return self.encoded / self.wall_seconds if self.wall_seconds else 0.0
 
-    @property
-    def video_hours_per_hour(self) -> float:
-        return self.video_seconds / self.wall_seconds if self.wall_seconds else 0.0
+def _reject_key(rej: Rejected) -> str:
+    """Quarantine key of a manifest reject: its clip id, made unique for a duplicate (whose id is
+    another record's) or a line without one."""
+    if rej.clip_id is None:
+        return f"<manifest line {rej.line}>"
+    return f"{rej.clip_id} <duplicate, manifest line {rej.line}>" if rej.duplicate else rej.clip_id
 
-    def line(self) -> str:
-        return (
-            f"encoded {self.encoded}, skipped {self.skipped}, quarantined {self.quarantined} of {self.total} clips "
-            f"in {self.wall_seconds:.1f} s: {self.clips_per_second:.2f} clips/s, "
-            f"{self.video_hours_per_hour:.2f} hours of video per hour"
-        )
+
+def up_front_reason(rec: ClipRecord, config: EncodeConfig) -> str | None:
+    """Why a record cannot be encoded, found without decoding anything (None: it can be tried)."""
+    names = [m.name for m in config.actions.modalities]
+    if rec.modality not in names:
+        return f"modality: unknown modality '{rec.modality}'; registered: {names}"
+    if rec.poses_uri is None:
+        if rec.modality in config.require_poses:
+            return (
+                f"poses: no poses_uri, and require_poses includes '{rec.modality}' (drop it from "
+                "require_poses to store such clips action-free)"
+            )
+        return None
+    raw_dim = config.actions.modality(rec.modality).raw_dim
+    if MODALITY_RAW_DIMS.get(rec.modality) != raw_dim:
+        return f"poses: modality '{rec.modality}' has no action maths for raw_dim {raw_dim}"
+    return None
 
 
 def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSummary]:
-    """Records still to encode; manifest rejects are quarantined here."""
+    """Records still to encode (with the windows already stored); everything else is counted here
+    and up-front rejects are quarantined."""
     encode_hash = config.encode_hash()
-    records, rejects = read_manifest(config.manifest)
-    summary = EncodeSummary(total=len(records) + len(rejects))
-    done = store.clip_ids(encode_hash)
-    quarantined_before = store.quarantined(encode_hash)
-    if not config.retry_quarantined:
-        done |= set(quarantined_before)
-    already = {r.clip_id for r in records} & done
-    summary.skipped = len(already)
-    new_rejects = [
-        {
-            "clip_id": rej.clip_id or f"<manifest line {rej.line}>",
-            "source_uri": config.manifest,
-            "stage": "manifest",
-            "reason": rej.reason,
-            "encode_hash": encode_hash,
-        }
-        for rej in rejects
-    ]
-    # a manifest reject already quarantined for the same reason on an earlier run is not written twice
-    new_rejects = [r for r in new_rejects if quarantined_before.get(r["clip_id"]) != r["reason"]]
-    store.quarantine(new_rejects)
-    summary.quarantined += len(new_rejects)
-    summary.reasons |= {r["clip_id"]: r["reason"] for r in new_rejects}
-    todo = [r.model_dump() for r in records if r.clip_id not in already]
+    records, rejects = read_manifest(config.manifest, config.source_storage)
+    summary = EncodeSummary(total=len(records) + len(rejects), store_uri=config.store.uri)
+    complete, partial = Catalog(store).refresh().windows(encode_hash)
+    before = {r["clip_id"]: r["reason"] for r in store.quarantine_table(encode_hash, complete)}
+
+    failed: list[tuple[str, str, str, str]] = []  # (key, source uri, stage, reason)
+    failed += [(_reject_key(rej), config.manifest, "manifest", rej.reason) for rej in rejects]
+    todo = []
+    for rec in records:
+        reason = up_front_reason(rec, config)
+        if reason is not None:
+            failed.append((rec.clip_id, rec.uri, "plan", reason))
+        elif rec.clip_id in complete:
+            summary.skipped_stored += 1
+        elif rec.clip_id in before and not config.retry_quarantined:
+            summary.skipped_quarantined += 1
+        else:
+            done = ",".join(map(str, sorted(partial.get(rec.clip_id, ()))))
+            todo.append({**rec.model_dump(), "done_windows": done})
+    new = []
+    for key, uri, stage, reason in failed:
+        if before.get(key) == reason and not config.retry_quarantined:
+            summary.skipped_quarantined += 1  # rejected for the same reason before: not written again
+            continue
+        new.append(
+            {"clip_id": key, "source_uri": uri, "stage": stage, "reason": reason, "encode_hash": encode_hash}
+        )
+        summary.reasons[key] = (stage, reason)
+    store.quarantine(new)
+    summary.quarantined += len(new)
     return todo, summary
 
 
-def build_dataset(todo: list[dict], config: EncodeConfig) -> ray.data.Dataset:
+def build_dataset(
+    todo: list[dict], config: EncodeConfig, stages: StagePlan, tracker=None
+) -> ray.data.Dataset:
     c = config.compute
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
-    v = config.video
-    # A decode task's working set (decoded frames, resized copies, PyAV buffers). Reserving it also
-    # keeps decode its own task-pool operator: with identical remote args Ray Data would fuse it into
-    # the VAE actors (as on a CPU-only cluster) and serialise decoding with encoding.
-    decode_memory = 4 * v.num_frames * v.height * v.width * 3 + 256 * 2**20
-    ds = ds.map(decode_row, fn_kwargs={"config": config}, num_cpus=c.decode_num_cpus, memory=decode_memory)
+    # Reserving memory also keeps decode its own task-pool operator: with identical remote args Ray
+    # Data would fuse it into the VAE actors (as on a CPU-only cluster) and serialise decoding with
+    # encoding. flat_map: a clip gives one row per window, streamed out as each is decoded.
+    ds = ds.flat_map(
+        decode_windows_of,
+        fn_kwargs={"config": config, "tracker": tracker},
+        num_cpus=stages.decode_cpus,
+        memory=stages.decode_memory,
+    )
     ds = ds.map_batches(
         VAEEncoder,
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs={"config": config, "tracker": tracker},
         batch_size=c.vae_batch_size,
-        num_gpus=c.vae_num_gpus,
-        num_cpus=c.vae_num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=c.vae_actors),
+        num_gpus=stages.vae_gpus,
+        num_cpus=stages.vae_cpus,
+        compute=ray.data.ActorPoolStrategy(size=stages.vae_actors),
     )
     ds = ds.map_batches(
         PromptEmbedder,
         fn_constructor_kwargs={"config": config},
         batch_size=c.text_batch_size,
-        num_cpus=0.25,  # a small encoder that is idle most of the time
+        num_cpus=stages.prompt_cpus,
         # one embedder: each distinct prompt is embedded and stored once
         compute=ray.data.ActorPoolStrategy(size=1),
     )
@@ -114,66 +133,122 @@ def build_dataset(todo: list[dict], config: EncodeConfig) -> ray.data.Dataset:
         ShardWriter,
         fn_constructor_kwargs={"config": config},
         batch_size=c.shard_size,
-        num_cpus=0.25,
+        num_cpus=stages.writer_cpus,
         compute=ray.data.ActorPoolStrategy(size=1),
     )
 
 
 def write_action_stats(store: LatentStore, config: EncodeConfig) -> dict:
-    """Per-modality action statistics over every clip of this encode hash (recomputed from the store,
-    so a resumed run's statistics cover all its clips)."""
+    """Per-modality action statistics over every clip of this encode hash, merged from the shards'
+    footer statistics through the catalog (no action column is read)."""
     encode_hash = config.encode_hash()
-    table = store.read_table(LATENTS, ["modality", "actions", "actions_shape", "encode_hash"])
-    stats: dict[str, ActionStats] = {}
-    for row in table.to_pylist():
-        if row["encode_hash"] != encode_hash:
-            continue
-        rows = np.frombuffer(row["actions"], np.float32).reshape(row["actions_shape"])
-        stats[row["modality"]] = stats.get(row["modality"], ActionStats.empty(rows.shape[1])).update(rows)
-    doc = {"encode_hash": encode_hash, "modalities": {m: s.to_dict() for m, s in stats.items()}}
+    stats = Catalog(store).refresh().stats(encode_hash)
+    doc = {"encode_hash": encode_hash, "modalities": {m: s.to_dict() for m, s in sorted(stats.items())}}
     store.write_json(f"stats/{encode_hash}.json", doc)
     return doc
 
 
-def run_encode(config: EncodeConfig) -> EncodeSummary:
+def _run_pipeline(
+    todo: list[dict], config: EncodeConfig, stages: StagePlan, summary: EncodeSummary, start: float
+) -> None:
+    """Drive the Ray Data pipeline and count every clip into ``summary``."""
+    tracker = ray.remote(num_cpus=0)(StageTracker).remote()
+    state: dict[str, str] = {}  # source clip -> "encoded" | "quarantined"
+    finished: set[str] = set()  # source clips whose last window (or error) came out
+    action_free: set[str] = set()
+    gave_up: list[str] = []
+
+    def explain(idle: float) -> None:
+        try:
+            activity = ray.get(tracker.snapshot.remote(), timeout=10)
+        except Exception:  # the report must never kill the job
+            activity = {}
+        log.warning(
+            "%s", diagnose(stages, activity, ray.available_resources(), ray.cluster_resources(), idle)
+        )
+
+    def give_up(idle: float) -> None:
+        explain(idle)
+        gave_up.append(
+            f"no clip finished in {idle:.0f} s (watchdog.fail_after_s={config.watchdog.fail_after_s:g})"
+        )
+        _thread.interrupt_main()
+
+    last_line = start
+    dog = Watchdog(config.watchdog.warn_after_s, config.watchdog.fail_after_s, explain, give_up)
+    try:
+        with dog:
+            for batch in build_dataset(todo, config, stages, tracker).iter_batches(
+                batch_size=None, batch_format="numpy"
+            ):
+                for i, src in enumerate(batch["source_clip_id"]):
+                    src = str(src)
+                    if batch["status"][i] == "quarantined":
+                        state[src] = "quarantined"
+                        summary.reasons[src] = (str(batch["stage"][i]), str(batch["reason"][i]))
+                        finished.add(src)
+                        continue
+                    state.setdefault(src, "encoded")
+                    summary.windows += 1
+                    summary.video_seconds += float(batch["video_seconds"][i])
+                    if batch["action_free"][i]:
+                        action_free.add(src)
+                    if batch["last_window"][i]:
+                        finished.add(src)
+                if not summary.first_result_seconds and len(batch["source_clip_id"]):
+                    summary.first_result_seconds = time.monotonic() - start
+                dog.beat()
+                now = time.monotonic()
+                if now - last_line >= config.progress_interval_s:
+                    last_line = now
+                    bad = sum(1 for s in state.values() if s == "quarantined")
+                    log.info(
+                        "progress: %d/%d clips done (%d quarantined), %d windows, %.2f clips/s",
+                        len(finished),
+                        len(todo),
+                        bad,
+                        summary.windows,
+                        (len(finished) - bad) / (now - start),
+                    )
+    except KeyboardInterrupt:
+        if not gave_up:
+            raise
+        raise EncodeStalled(gave_up[0]) from None
+    finally:
+        ray.kill(tracker)
+    summary.encoded += sum(1 for s in state.values() if s == "encoded")
+    summary.quarantined += sum(1 for s in state.values() if s == "quarantined")
+    summary.action_free = len(action_free & {s for s, v in state.items() if v == "encoded"})
+
+
+def run_encode(config: EncodeConfig, startup_seconds: float = 0.0) -> EncodeSummary:
     """Run the whole job on the current Ray cluster (``ray.init`` is the caller's)."""
     start = time.monotonic()
+    stages = size_pipeline(config, ray.cluster_resources())  # a pipeline that cannot run fails here
     store = LatentStore(config.store)
     todo, summary = plan(config, store)
+    summary.startup_seconds = startup_seconds
     log.info(
-        "encode %s: %d clips to do, %d already done (encode hash %s)",
+        "encode %s -> %s (encode hash %s): %d clips to do, %d stored, %d quarantined before, %d rejected up front",
         config.manifest,
-        len(todo),
-        summary.skipped,
+        config.store.uri,
         config.encode_hash(),
+        len(todo),
+        summary.skipped_stored,
+        summary.skipped_quarantined,
+        summary.quarantined,
     )
-    last, processed = start, 0
+    log.info("stages: %s", stages.describe())
     if todo:
-        for batch in build_dataset(todo, config).iter_batches(batch_size=None, batch_format="numpy"):
-            for status, cid, reason, seconds in zip(
-                batch["status"], batch["clip_id"], batch["reason"], batch["video_seconds"], strict=True
-            ):
-                processed += 1
-                if processed == 1:
-                    summary.first_result_seconds = time.monotonic() - start
-                if status == "encoded":
-                    summary.encoded += 1
-                    summary.video_seconds += float(seconds)
-                else:
-                    summary.quarantined += 1
-                    summary.reasons[str(cid)] = str(reason)
-            now = time.monotonic()
-            if now - last >= config.progress_interval_s:
-                last = now
-                log.info(
-                    "progress: %d/%d clips (%d encoded, %d quarantined), %.2f clips/s",
-                    processed,
-                    len(todo),
-                    summary.encoded,
-                    summary.quarantined,
-                    summary.encoded / (now - start),
-                )
+        _run_pipeline(todo, config, stages, summary, start)
     write_action_stats(store, config)
     summary.wall_seconds = time.monotonic() - start
-    log.info("%s", summary.line())
     return summary
+
+
+def report(config: EncodeConfig, summary: EncodeSummary) -> str:
+    """The run's summary line and the store's quarantine report (latest status per clip)."""
+    store = LatentStore(config.store)
+    rows = store.quarantine_table(config.encode_hash())
+    where = f"{config.store.uri}/{QUARANTINE}/*.parquet (LatentStore(uri).quarantine_table())"
+    return summary.line() + "\n" + quarantine_report(rows, summary.quarantined, where)

@@ -1,0 +1,130 @@
+"""How a job meets Ray: a local in-process cluster or an existing one, with this checkout's library.
+
+Three things every job entrypoint (encode, train, evaluate) needs, in one place:
+
+* ``connect`` — with no address (``ray.address`` / ``$RAY_ADDRESS``) a local Ray starts in this
+  process; with one, the job joins that cluster and, with ``ship_library``, sends this checkout's
+  ``astra`` package to every worker (Ray's ``runtime_env`` ``py_modules``), so the workers run the code
+  that was submitted, not whatever version their image has installed. Ray's own chatter (log lines,
+  progress bars) goes to its log files, so the job's output stays readable.
+* ``job_working_dir`` — ``ray job submit --working-dir DIR`` runs the job inside a temporary copy of
+  DIR that Ray deletes afterwards: a relative output path would be written there and lost.
+* ``resolve_local`` — paths given to a job are made absolute (or refused inside such a copy), so what
+  a store records never depends on the directory a run happened to start in.
+
+Imports ``ray`` lazily: config modules import ``RayConfig`` from here without paying for Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from pydantic import Field
+
+from astra.config import ConfigError, FrozenModel
+
+log = logging.getLogger(__name__)
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted job
+
+
+class RayConfig(FrozenModel):
+    """Which Ray cluster runs a job."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster address (e.g. ray://head:10001 or auto); None: $RAY_ADDRESS (set by "
+        "`ray job submit`), else a local Ray started in this process.",
+    )
+    local_num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local in-process Ray; None: this machine's core count."
+    )
+    ship_library: bool = Field(
+        True,
+        description="On an existing cluster, send this checkout's astra package to the workers "
+        "(runtime_env py_modules). False when the cluster's image has the same version installed.",
+    )
+
+
+def _job_runtime_env() -> dict | None:
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def job_working_dir() -> str | None:
+    """The working_dir a submitted Ray job runs in (Ray's temporary copy), None outside one."""
+    env = _job_runtime_env()
+    return os.getcwd() if env and env.get("working_dir") else None
+
+
+def resolve_local(field: str, uri: str) -> str:
+    """A local path made absolute; ``s3://`` uris unchanged. Inside ``ray job submit --working-dir``,
+    a relative path is refused: it would point into Ray's temporary copy of the working dir."""
+    if "://" in uri or os.path.isabs(uri):
+        return uri
+    copy = job_working_dir()
+    if copy is not None:
+        raise ConfigError(
+            f"{field}: '{uri}' is a relative path, and this job runs in Ray's temporary copy of its "
+            f"working dir ({copy}), which is deleted when the job ends (and holds no git-ignored "
+            "files): give an absolute path on storage every node sees, or an s3:// uri"
+        )
+    return os.path.abspath(uri)
+
+
+def quiet_ray_logs() -> None:
+    """Ray Data's progress bars and per-dataset log lines to Ray's log files only (warnings still show)."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    # Ray Data warns once that progress bars are off, which is the point: spend that "once" here
+    log_once("ray_data_progress_manager_disabled")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Connection:
+    address: str  # "local" for an in-process cluster
+    seconds: float  # time to start / join Ray
+    shipped: str | None  # the library folder sent to the workers, if any
+
+
+def connect(cfg: RayConfig) -> Connection:
+    """Start or join Ray (see the module docstring); returns what was done and how long it took."""
+    import ray
+
+    import astra
+
+    start = time.monotonic()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    common = {"log_to_driver": False, "logging_level": logging.WARNING}
+    shipped = None
+    if address is None:
+        ray.init(num_cpus=cfg.local_num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+    else:
+        runtime_env = {}
+        if cfg.ship_library:
+            job_env = _job_runtime_env() or {}
+            if "py_modules" in job_env:  # the submitter chose the modules; two lists would conflict
+                log.warning("ray.ship_library: the job's runtime_env already sets py_modules; using those")
+            else:
+                shipped = os.path.dirname(os.path.abspath(astra.__file__))
+                runtime_env["py_modules"] = [shipped]
+        ray.init(address=address, runtime_env=runtime_env or None, **common)
+    quiet_ray_logs()
+    return Connection(address or "local", time.monotonic() - start, shipped)
