@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +91,111 @@ def ray_local():
     """An in-process local Ray cluster shared by the session's `ray` tests (never `ray stop`)."""
     import ray
 
+    from astra.runtime import quiet_ray_logs
+
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    quiet_ray_logs()
     yield ray
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- job processes and a head node
+
+
+def job_env() -> dict:
+    """Environment for a job or `ray` CLI subprocess (this venv's binaries first on PATH)."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session: a job's driver and the local Ray it started (Ray workers
+    sit in process groups of their own, so killing the driver's group is not enough)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of /proc/<pid>/stat: the session id
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """`ray start --head --num-cpus=2` (this box's real size) on ports of its own; yields the dashboard
+    address for `ray job submit`. Stopped by killing its own session (never `ray stop`)."""
+    port, dash = free_port(), free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # short: Ray's socket paths have a length limit that pytest's tmp_path can exceed
+    temp = Path(tempfile.gettempdir()) / f"ray-astra-{os.getpid()}-{port}"
+    # every port of its own, so it never collides with another cluster on this machine (e.g. the
+    # in-process one of the other ray tests): a taken agent port leaves the head without a job agent
+    own_ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    ]
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            *own_ports,
+        ],
+        env=job_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and head.poll() is None, "ray head did not come up"
+                time.sleep(1)
+        yield address
+    finally:
+        kill_session(head.pid)
+        head.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit_job(address: str, *entrypoint: str, working_dir: Path | None = None, timeout: int = 400):
+    """`ray job submit --address ADDRESS [--working-dir DIR] -- ENTRYPOINT` (waits for the job)."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address]
+    if working_dir is not None:
+        cmd += ["--working-dir", str(working_dir)]
+    cmd += ["--", *entrypoint]
+    deadline = time.monotonic() + 90
+    while True:
+        job = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+        # the dashboard answers before the head's job agent has registered: retry that case only
+        if "No available agent" not in job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(2)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import job_env, kill_session
 
 from astra.data.actions import latent_actions
 from astra.data.store import LatentStore
@@ -27,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _add_bad_inputs(folder: Path, manifest: Path) -> dict[str, str]:
-    """Append one record per kind of bad input; returns clip_id -> expected reason fragment."""
+def _add_bad_inputs(folder: Path, manifest: Path) -> dict[str, tuple[str, str]]:
+    """Append one record per kind of bad input; returns clip_id -> (stage, expected reason fragment)."""
     good = [json.loads(line) for line in manifest.read_text().splitlines()]
     src = good[0]
     video = (folder / src["uri"]).read_bytes()
@@ -45,33 +41,49 @@ def _add_bad_inputs(folder: Path, manifest: Path) -> dict[str, str]:
     short_rec = json.loads(short.read_text().splitlines()[0])
     base = {k: src[k] for k in ("dataset", "modality", "prompt", "fps")}
     bad = [
-        ({"clip_id": "empty", "uri": "empty.mp4", "poses_uri": src["poses_uri"]}, "empty file"),
-        ({"clip_id": "truncated", "uri": "truncated.mp4", "poses_uri": src["poses_uri"]}, ""),
-        ({"clip_id": "not-video", "uri": "notes.mp4", "poses_uri": src["poses_uri"]}, "not a readable video"),
+        ({"clip_id": "empty", "uri": "empty.mp4", "poses_uri": src["poses_uri"]}, ("decode", "empty file")),
+        ({"clip_id": "truncated", "uri": "truncated.mp4", "poses_uri": src["poses_uri"]}, ("decode", "")),
+        (
+            {"clip_id": "not-video", "uri": "notes.mp4", "poses_uri": src["poses_uri"]},
+            ("decode", "not a readable video"),
+        ),
         (
             {
                 "clip_id": "too-short",
                 "uri": f"short/{short_rec['uri']}",
                 "poses_uri": f"short/{short_rec['poses_uri']}",
             },
-            "too few frames",
+            ("decode", "too few frames"),
         ),
-        ({"clip_id": "pose-mismatch", "uri": src["uri"], "poses_uri": "mismatch.npz"}, "states but"),
-        ({"clip_id": "nan-poses", "uri": src["uri"], "poses_uri": "nan.npz"}, "NaN"),
-        ({"clip_id": "missing", "uri": "nowhere/missing.mp4", "poses_uri": src["poses_uri"]}, "cannot read"),
-        ({**src, "prompt": "a duplicate"}, "duplicate clip_id"),
+        (
+            {"clip_id": "pose-mismatch", "uri": src["uri"], "poses_uri": "mismatch.npz"},
+            ("poses", "states but"),
+        ),
+        ({"clip_id": "nan-poses", "uri": src["uri"], "poses_uri": "nan.npz"}, ("poses", "NaN")),
+        (
+            {"clip_id": "missing", "uri": "nowhere/missing.mp4", "poses_uri": src["poses_uri"]},
+            ("read", "cannot read"),
+        ),
+        ({"clip_id": "weird", "uri": src["uri"], "modality": "smell"}, ("plan", "unknown modality 'smell'")),
+        ({**src, "prompt": "a duplicate"}, ("manifest", "duplicate clip_id")),
     ]
     with manifest.open("a") as fh:
         for rec, _ in bad:
             fh.write(json.dumps({**base, "pose_format": "astra", **rec}) + "\n")
         fh.write('{"clip_id": "no-modality", "uri": "x.mp4"}\n')
-    expected = {rec["clip_id"]: reason for rec, reason in bad[:-1]}
-    expected["no-modality"] = "modality"
+    expected = {rec["clip_id"]: want for rec, want in bad[:-1]}
+    expected["no-modality"] = ("manifest", "modality")
     return expected
 
 
 def _config(manifest: Path, store: Path, *extra: str):
     return load_encode_config(None, ["preset=tiny", f"manifest={manifest}", f"store.uri={store}", *extra])
+
+
+def _adds_up(summary) -> bool:
+    """Every manifest record in exactly one bucket."""
+    parts = summary.encoded + summary.skipped_stored + summary.skipped_quarantined + summary.quarantined
+    return parts == summary.total
 
 
 def test_encode_quarantines_bad_input_and_is_idempotent(tmp_path, ray_local):
@@ -84,12 +96,18 @@ def test_encode_quarantines_bad_input_and_is_idempotent(tmp_path, ray_local):
     summary = run_encode(config)
     store = LatentStore(config.store)
     assert summary.encoded == len(good) and store.count_rows() == dict.fromkeys(good, 1)
-    quarantined = store.quarantined(config.encode_hash())
+    assert summary.total == len(good) + len(expected_bad) + 1 and _adds_up(summary), summary.line()
+    table = {r["clip_id"]: r for r in store.quarantine_table(config.encode_hash())}
     dup_id = next(iter(good))
-    for cid, fragment in expected_bad.items():
-        assert cid in quarantined, f"{cid} not quarantined"
-        assert fragment in quarantined[cid], (cid, quarantined[cid])
-    assert "duplicate clip_id" in quarantined[dup_id]  # the duplicate's record, the original is encoded
+    for cid, (stage, fragment) in expected_bad.items():
+        assert cid in table, f"{cid} not quarantined"
+        assert fragment in table[cid]["reason"], (cid, table[cid]["reason"])
+        assert table[cid]["stage"] == stage, (cid, table[cid]["stage"], stage)  # poses are not "decode"
+    dup = [cid for cid in table if cid.startswith(dup_id)]
+    assert (
+        dup == [f"{dup_id} <duplicate, manifest line {len(good) + 9}>"]
+        and "duplicate clip_id" in table[dup[0]]["reason"]
+    )
     assert summary.quarantined == len(expected_bad) + 1
 
     # every stored clip: latent shape, exact ground-truth actions, its prompt embedding
@@ -97,22 +115,23 @@ def test_encode_quarantines_bad_input_and_is_idempotent(tmp_path, ray_local):
     assert len(prompts) == len({r["prompt"] for r in good.values()})  # deduplicated by hash
     for cid, rec in good.items():
         row = store.get(cid)
-        assert row.latents.shape == (4, 5, 8, 8) and torch.isfinite(row.latents).all()
+        assert row.latents.shape == (4, 9, 8, 8) and torch.isfinite(row.latents).all()
+        assert row.source_clip_id == cid and row.window == 0 and row.last_window
         with np.load(data / rec["poses_uri"]) as z:
-            want = latent_actions(rec["modality"], z["states"][:17])  # 16 fps source = target fps
+            want = latent_actions(rec["modality"], z["states"][:33])  # 16 fps source = target fps
         np.testing.assert_allclose(row.actions.numpy(), want, atol=1e-5)
         assert row.prompt_key in prompts and prompts[row.prompt_key].shape[1] == 384
     stats = store.read_json(f"stats/{config.encode_hash()}.json")
-    assert sum(m["count"] for m in stats["modalities"].values()) == 5 * len(good)
+    assert sum(m["count"] for m in stats["modalities"].values()) == 9 * len(good)
 
-    # re-running skips everything and writes nothing new
+    # re-running skips everything, writes nothing new, and still adds up
     files_before = sorted(store.files("latents") + store.files("quarantine") + store.files("prompts"))
     again = run_encode(config)
-    # skipped: every record that parsed (encoded or quarantined); the two manifest rejects are re-read, not re-written
-    assert again.encoded == 0 and again.skipped == len(good) + len(expected_bad) - 1
+    assert again.encoded == 0 and again.quarantined == 0 and _adds_up(again), again.line()
+    assert again.skipped_stored == len(good) and again.skipped_quarantined == len(expected_bad) + 1
     assert sorted(store.files("latents") + store.files("quarantine") + store.files("prompts")) == files_before
     # a different encode config is a different store generation: nothing is skipped
-    other = _config(manifest, tmp_path / "store", "video.num_frames=9")
+    other = _config(manifest, tmp_path / "store", "video.max_frames=9")
     assert other.encode_hash() != config.encode_hash()
 
 
@@ -140,25 +159,6 @@ def test_s3_clips_and_store_end_to_end(tmp_path, ray_local, s3_server):
     assert all(torch.equal(r.latents, store.get(r.clip_id).latents) for r in rows)
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of a session: a job's driver and the local Ray it started (Ray workers
-    sit in process groups of their own, so killing the driver's group is not enough)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # field 6 of /proc/<pid>/stat: the session id
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-
-
-def _job_env() -> dict:
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
     manifest = write_dataset(tmp_path / "data", 40, "mixed", size=(64, 64), num_frames=17, fps=16.0, seed=3)
     good = {json.loads(line)["clip_id"] for line in manifest.read_text().splitlines()}
@@ -173,7 +173,7 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
         "compute.vae_batch_size=1",
     ]
     proc = subprocess.Popen(
-        cmd, env=_job_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, env=job_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 240
@@ -188,7 +188,7 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
             time.sleep(0.1)
         assert proc.poll() is None, "the job finished before it could be killed"
     finally:
-        _kill_session(proc.pid)  # kill -9 the whole job: driver, raylet, workers
+        kill_session(proc.pid)  # kill -9 the whole job: driver, raylet, workers
         proc.wait(30)
     store = LatentStore(str(store_dir))
     partial = store.count_rows()
@@ -196,87 +196,11 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
     assert store.count_rows() == partial, "a killed job kept writing"
     assert 0 < len(partial) < len(good) and all(n == 1 for n in partial.values())
 
-    done = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"skipped {len(partial)}" in done.stdout
+    assert f"skipped {len(partial)} ({len(partial)} stored" in done.stdout
     assert store.count_rows() == dict.fromkeys(good, 1)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_head_node(tmp_path):
-    """`ray job submit -- python jobs/encode.py --config ...` against `ray start --head`."""
-    import urllib.request
-
-    manifest = write_dataset(tmp_path / "data", 3, "robot", size=(64, 64), num_frames=17, fps=16.0, seed=4)
-    cfg = tmp_path / "encode.yaml"
-    cfg.write_text(f"preset: tiny\nmanifest: {manifest}\nstore:\n  uri: {tmp_path / 'store'}\n")
-    port, dash = _free_port(), _free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # short: Ray's socket paths have a length limit that pytest's tmp_path can exceed
-    temp = Path(tempfile.gettempdir()) / f"ray-astra-{os.getpid()}-{port}"
-    # every port of its own, so it never collides with another cluster on this machine (e.g. the
-    # in-process one of the other ray tests): a taken agent port leaves the head without a job agent
-    own_ports = [
-        f"--{name}={_free_port()}"
-        for name in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "node-manager-port",
-            "object-manager-port",
-            "ray-client-server-port",
-        )
-    ]
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=4",
-            f"--temp-dir={temp}",
-            "--include-dashboard=true",
-            *own_ports,
-        ],
-        env=_job_env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and head.poll() is None, "ray head did not come up"
-                time.sleep(1)
-        submit = [ray_bin, "job", "submit", "--address", address, "--"]
-        submit += [sys.executable, str(ROOT / "jobs" / "encode.py"), "--config", str(cfg)]
-        while True:
-            job = subprocess.run(submit, env=_job_env(), capture_output=True, text=True, timeout=400)
-            # the dashboard answers before the head's job agent has registered: retry that case only
-            if "No available agent" not in job.stderr or time.monotonic() > deadline + 60:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "encoded 3, skipped 0, quarantined 0" in job.stdout
-        assert len(LatentStore(str(tmp_path / "store")).clip_ids()) == 3
-    finally:
-        # stop only the cluster this test started: the session it runs in
-        _kill_session(head.pid)
-        head.wait(30)
-        shutil.rmtree(temp, ignore_errors=True)
+    # readable output: start-up time shown, the summary once, none of Ray Data's progress chatter
+    out = done.stdout + done.stderr
+    assert "Ray (local) ready in" in out and out.count("manifest records") == 1
+    assert "Running Dataset" not in out and "logging_progress" not in out, out[-3000:]
