@@ -29,6 +29,7 @@ lint:
 
 bench:
 	$(PY) bench/encode.py
+	$(PY) bench/store.py
 
 format:
 	$(PY) -m ruff check --fix .

@@ -22,11 +22,12 @@ import ray
 from astra.data.manifest import read_manifest
 from astra.data.synthetic import write_dataset
 from astra.encode.config import load_encode_config
-from astra.encode.decode import decode_row
+from astra.encode.decode import decode_windows_of
 from astra.encode.pipeline import run_encode
 from astra.encode.prompts import PromptEmbedder
 from astra.encode.vae import VAEEncoder
 from astra.encode.writer import ShardWriter
+from astra.runtime import RayConfig, connect
 
 
 def loop_encode(config) -> tuple[float, float]:
@@ -38,7 +39,7 @@ def loop_encode(config) -> tuple[float, float]:
     startup = time.perf_counter() - start
     done, size = 0, config.compute.vae_batch_size
     for i in range(0, len(records), size):
-        rows = [decode_row(r.model_dump(), config) for r in records[i : i + size]]
+        rows = [w for r in records[i : i + size] for w in decode_windows_of(r.model_dump(), config)]
         batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
         out = writer(prompts(vae(batch)))
         done += int(np.sum(out["status"] == "encoded"))
@@ -74,7 +75,8 @@ def main() -> None:
             f"manifest={manifest}",
             f"video.height={h}",
             f"video.width={w}",
-            f"video.num_frames={args.frames}",
+            f"video.max_frames={args.frames}",
+            f"video.min_frames={args.frames}",
         ]
         loop_cfg = load_encode_config(None, [*common, f"store.uri={tmp / 'loop'}"])
         ray_cfg = load_encode_config(
@@ -90,7 +92,7 @@ def main() -> None:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        connect(RayConfig())  # the job's own local cluster: one logical CPU per core
         try:
             start = time.perf_counter()
             summary = run_encode(ray_cfg)

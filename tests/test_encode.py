@@ -16,7 +16,7 @@ from conftest import job_env, kill_session
 from astra.data.actions import latent_actions
 from astra.data.store import LatentStore
 from astra.data.synthetic import write_dataset
-from astra.encode.config import load_encode_config
+from astra.encode.config import load_encode_config, resolve_paths
 from astra.encode.pipeline import run_encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_encode_quarantines_bad_input_and_is_idempotent(tmp_path, ray_local):
 
 
 def test_s3_clips_and_store_end_to_end(tmp_path, ray_local, s3_server):
-    """Source clips *and* the latent store on the S3 server: nothing touches local disk but the manifest."""
+    """Manifest, clips, poses *and* the latent store on the S3 server: nothing on local disk."""
     import boto3
 
     local = write_dataset(tmp_path / "data", 3, "camera", size=(64, 64), num_frames=21, fps=16.0, seed=2)
@@ -145,12 +145,16 @@ def test_s3_clips_and_store_end_to_end(tmp_path, ray_local, s3_server):
     for rec in records:
         for key in ("uri", "poses_uri"):
             s3.upload_file(str(local.parent / rec[key]), "astra", f"clips/{rec[key]}")
-            rec[key] = f"s3://astra/clips/{rec[key]}"
-    manifest = tmp_path / "s3-manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = _config(manifest, "s3://astra/e2e", f"store.s3_endpoint={s3_server}")
+    # the manifest's relative uris are relative to its own s3:// prefix
+    s3.upload_file(str(local), "astra", "clips/manifest.jsonl")
+    config = resolve_paths(
+        _config("s3://astra/clips/manifest.jsonl", "s3://astra/e2e", f"store.s3_endpoint={s3_server}")
+    )
     assert run_encode(config).encoded == 3
     store = LatentStore(config.store)
+    assert {store.get(r["clip_id"]).source_uri for r in records} == {
+        f"s3://astra/clips/{r['uri']}" for r in records
+    }
     assert store.count_rows() == {r: 1 for r in store.clip_ids()} and len(store.clip_ids()) == 3
     from astra.train.dataset import records, stream_latents
 

@@ -70,7 +70,7 @@ def test_folder_of_pose_less_videos_is_stored_action_free(tmp_path, ray_local):
     store = LatentStore(config.store)
     [row] = store.quarantine_table(config.encode_hash())
     assert row["clip_id"] == "robot-nopose" and row["stage"] == "plan" and "require_poses" in row["reason"]
-    for cid, rec in by_id.items():
+    for rec in by_id.values():
         got = store.get(rec.clip_id)
         assert got.latents.shape == (4, 9, 8, 8)
         if rec.poses_uri is None:

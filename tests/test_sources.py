@@ -135,3 +135,28 @@ def test_sekai_layout(tmp_path):
     _check_row_matches_ground_truth(decode_row(records[0].model_dump(), _config()))
     with pytest.raises(ValueError, match="not a SpatialVID folder"):
         build_spatialvid_manifest(root, tmp_path / "x.jsonl")
+
+
+def test_folder_builder_on_an_s3_prefix(tmp_path, s3_server):
+    import boto3
+
+    from astra.data.sources import folder_records
+    from astra.data.storage import StorageConfig
+
+    encode_mp4(_frames(9), tmp_path / "v.mp4", FPS)
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for key in ("vids/a/one.mp4", "vids/b/two.MOV"):
+        s3.upload_file(str(tmp_path / "v.mp4"), "astra", key)
+    s3.put_object(Bucket="astra", Key="vids/a/one.txt", Body=b"a quiet lane\n")
+    s3.put_object(Bucket="astra", Key="vids/notes.md", Body=b"not a video")
+    storage = StorageConfig(s3_endpoint=s3_server)
+    recs = folder_records("s3://astra/vids", "camera", "default prompt", None, storage)
+    assert [(r.clip_id, r.uri, r.prompt, r.poses_uri) for r in recs] == [
+        ("vids/a/one", "s3://astra/vids/a/one.mp4", "a quiet lane", None),
+        ("vids/b/two", "s3://astra/vids/b/two.MOV", "default prompt", None),
+    ]
+    s3.put_object(Bucket="astra", Key="docs/readme.md", Body=b"no videos here")
+    with pytest.raises(ValueError, match="no videos"):
+        folder_records("s3://astra/docs", storage=storage)
+    with pytest.raises(ValueError, match="not a folder or prefix"):
+        folder_records("s3://astra/nothing-here", storage=storage)

@@ -12,7 +12,8 @@
   as an (N, 4, 4) ``.npy``. Frame i is at i / pose_fps (default: the video's fps).
 
 OpenCV cameras (+Z forward, +Y down) are converted to our OpenGL convention (-Z forward, +Y up).
-The builders turn a dataset folder into a manifest (``astra.data.manifest``).
+The builders turn a dataset folder into manifest records (``astra.data.manifest``, whose command line
+runs them): SpatialVID, Sekai, and a plain folder / S3 prefix of videos with optional sidecars.
 """
 
 from __future__ import annotations
