@@ -43,14 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from astra.encode.pipeline import EncodeStalled, report, run_encode
+    from astra.data.store import LatentStore
+    from astra.encode.pipeline import EncodeStalled, plan, report, run_encode
     from astra.runtime import connect
 
-    ray = connect(config.ray)
-    shipped = f"; library shipped from {ray.shipped}" if ray.shipped else ""
-    log.info("Ray (%s) ready in %.1f s%s", ray.address, ray.seconds, shipped)
+    planned = plan(config, LatentStore(config.store))
+    seconds = 0.0
+    if planned[0]:  # Ray only when there is work: a finished manifest re-runs in seconds
+        ray = connect(config.ray)
+        shipped = f"; library shipped from {ray.shipped}" if ray.shipped else ""
+        log.info("Ray (%s) ready in %.1f s%s", ray.address, ray.seconds, shipped)
+        seconds = ray.seconds
     try:
-        summary = run_encode(config, startup_seconds=ray.seconds)
+        summary = run_encode(config, planned, startup_seconds=seconds)
     except ConfigError as err:  # the pipeline does not fit this cluster
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -208,3 +208,7 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
     out = done.stdout + done.stderr
     assert "Ray (local) ready in" in out and out.count("manifest records") == 1
     assert "Running Dataset" not in out and "logging_progress" not in out, out[-3000:]
+    # nothing left to do: the re-run answers without starting Ray
+    idle = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert idle.returncode == 0 and f"skipped {len(good)} ({len(good)} stored" in idle.stdout
+    assert "Ray (" not in idle.stdout + idle.stderr and "Ray start-up 0.0 s" in idle.stdout

@@ -142,7 +142,7 @@ def test_quarantine_keeps_the_latest_status_and_every_run_adds_up(tmp_path, ray_
     assert (first.encoded, first.quarantined, first.total) == (3, 2, 5) and _adds_up(first)
     assert store.quarantined(config.encode_hash()).keys() == {"late", "<manifest line 5>"}
     text = report(config, first)
-    assert "quarantine: 2 clips (2 this run)" in text and "read" in text and "manifest" in text
+    assert "quarantine: 2 clips of the manifest (2 this run)" in text and "e.g. late (" in text
     assert f"{config.store.uri}/quarantine" in text
 
     second = run_encode(config)  # nothing retried: the two count as quarantined before

@@ -207,10 +207,10 @@ def resolve_paths(config: EncodeConfig) -> EncodeConfig:
         raise ConfigError(f"manifest: cannot read {manifest}: {err}") from None
     if not found:
         hint = ""
-        if job_working_dir() is not None and "://" not in config.manifest:
+        if job_working_dir() is not None and "://" not in manifest:
             hint = (
-                " (this job runs in Ray's copy of its working dir, which has no git-ignored files such "
-                "as runs/: give an absolute path every node sees, or an s3:// uri)"
+                " (on the machine running this Ray job: a path on the submitting machine is not "
+                "uploaded; use storage every node sees, or an s3:// uri)"
             )
         raise ConfigError(f"manifest: file not found: {manifest}{hint}")
     data = config.model_dump()

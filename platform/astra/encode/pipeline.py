@@ -65,9 +65,11 @@ def up_front_reason(rec: ClipRecord, config: EncodeConfig) -> str | None:
 def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSummary]:
     """Records still to encode (with the windows already stored); everything else is counted here
     and up-front rejects are quarantined."""
+    start = time.monotonic()
     encode_hash = config.encode_hash()
     records, rejects = read_manifest(config.manifest, config.source_storage)
     summary = EncodeSummary(total=len(records) + len(rejects), store_uri=config.store.uri)
+    summary.keys = {r.clip_id for r in records} | {_reject_key(rej) for rej in rejects}
     complete, partial = Catalog(store).refresh().windows(encode_hash)
     before = {r["clip_id"]: r["reason"] for r in store.quarantine_table(encode_hash, complete)}
 
@@ -96,6 +98,7 @@ def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSu
         summary.reasons[key] = (stage, reason)
     store.quarantine(new)
     summary.quarantined += len(new)
+    summary.plan_seconds = time.monotonic() - start
     return todo, summary
 
 
@@ -221,12 +224,16 @@ def _run_pipeline(
     summary.action_free = len(action_free & {s for s, v in state.items() if v == "encoded"})
 
 
-def run_encode(config: EncodeConfig, startup_seconds: float = 0.0) -> EncodeSummary:
-    """Run the whole job on the current Ray cluster (``ray.init`` is the caller's)."""
-    start = time.monotonic()
-    stages = size_pipeline(config, ray.cluster_resources())  # a pipeline that cannot run fails here
+def run_encode(
+    config: EncodeConfig,
+    planned: tuple[list[dict], EncodeSummary] | None = None,
+    startup_seconds: float = 0.0,
+) -> EncodeSummary:
+    """Run the whole job on the current Ray cluster (``ray.init`` is the caller's). ``planned``: the
+    result of ``plan`` when the caller planned first (to start Ray only when there is work)."""
     store = LatentStore(config.store)
-    todo, summary = plan(config, store)
+    todo, summary = planned or plan(config, store)
+    start = time.monotonic()
     summary.startup_seconds = startup_seconds
     log.info(
         "encode %s -> %s (encode hash %s): %d clips to do, %d stored, %d quarantined before, %d rejected up front",
@@ -238,8 +245,9 @@ def run_encode(config: EncodeConfig, startup_seconds: float = 0.0) -> EncodeSumm
         summary.skipped_quarantined,
         summary.quarantined,
     )
-    log.info("stages: %s", stages.describe())
     if todo:
+        stages = size_pipeline(config, ray.cluster_resources())  # a pipeline that cannot run fails here
+        log.info("stages: %s", stages.describe())
         _run_pipeline(todo, config, stages, summary, start)
     write_action_stats(store, config)
     summary.wall_seconds = time.monotonic() - start
@@ -247,8 +255,10 @@ def run_encode(config: EncodeConfig, startup_seconds: float = 0.0) -> EncodeSumm
 
 
 def report(config: EncodeConfig, summary: EncodeSummary) -> str:
-    """The run's summary line and the store's quarantine report (latest status per clip)."""
+    """The run's summary and a quarantine report of the manifest's clips (latest status per clip)."""
     store = LatentStore(config.store)
     rows = store.quarantine_table(config.encode_hash())
+    if summary.keys:
+        rows = [r for r in rows if r["clip_id"] in summary.keys]
     where = f"{config.store.uri}/{QUARANTINE}/*.parquet (LatentStore(uri).quarantine_table())"
     return summary.line() + "\n" + quarantine_report(rows, summary.quarantined, where)

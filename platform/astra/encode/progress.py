@@ -25,11 +25,13 @@ class EncodeSummary:
     windows: int = 0  # latent rows written by this run (a long clip gives several)
     action_free: int = 0  # encoded clips without poses (no action rows)
     video_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    startup_seconds: float = 0.0  # Ray start / connect, before the run
+    wall_seconds: float = 0.0  # the run: from the plan's end to the statistics written
+    plan_seconds: float = 0.0  # reading the manifest and the store's catalog
+    startup_seconds: float = 0.0  # starting / joining Ray (0 when there was nothing to do)
     first_result_seconds: float = 0.0  # from the run's start to the first finished clip
     reasons: dict[str, tuple[str, str]] = field(default_factory=dict)  # clip -> (stage, reason), this run
     store_uri: str = ""
+    keys: set[str] = field(default_factory=set, repr=False)  # quarantine keys of the manifest's records
 
     @property
     def skipped(self) -> int:
@@ -53,10 +55,10 @@ class EncodeSummary:
         return (
             f"encoded {self.encoded}, skipped {self.skipped} ({self.skipped_stored} stored, "
             f"{self.skipped_quarantined} quarantined before), quarantined {self.quarantined} of {self.total} "
-            f"manifest records{lost}; {self.windows} windows written, {self.action_free} clips action-free; "
-            f"{self.wall_seconds:.1f} s (Ray start-up {self.startup_seconds:.1f} s, first clip after "
-            f"{self.first_result_seconds:.1f} s): {self.clips_per_second:.2f} clips/s, "
-            f"{self.video_hours_per_hour:.2f} hours of video per hour"
+            f"manifest records{lost}; {self.windows} windows written, {self.action_free} clips action-free.\n"
+            f"time: plan {self.plan_seconds:.1f} s, Ray start-up {self.startup_seconds:.1f} s, run "
+            f"{self.wall_seconds:.1f} s (first clip {self.first_result_seconds:.1f} s into the run): "
+            f"{self.clips_per_second:.2f} clips/s, {self.video_hours_per_hour:.2f} hours of video per hour"
         )
 
 
@@ -67,14 +69,23 @@ def reason_kind(reason: str) -> str:
     return text if len(text) <= 100 else text[:99] + "…"
 
 
+def _clips(n: int) -> str:
+    return f"{n} clip" if n == 1 else f"{n} clips"
+
+
 def quarantine_report(rows: list[dict], this_run: int, location: str, top: int = 5) -> str:
-    """A short report of the store's quarantined clips (latest status per clip): top reasons."""
+    """A short report of quarantined clips (latest status per clip): top reasons, an example each."""
     if not rows:
-        return "quarantine: empty"
+        return "quarantine: none of the manifest's clips"
     kinds = Counter((r["stage"], reason_kind(r["reason"])) for r in rows)
-    lines = [f"quarantine: {len(rows)} clips ({this_run} this run); top reasons:"]
-    for (stage, kind), n in kinds.most_common(top):
-        lines.append(f"  {n:6d}  {stage:<8s} {kind}")
+    example = {}
+    for r in rows:
+        example.setdefault((r["stage"], reason_kind(r["reason"])), r)
+    lines = [f"quarantine: {_clips(len(rows))} of the manifest ({this_run} this run); top reasons:"]
+    for key, n in kinds.most_common(top):
+        ex = example[key]
+        lines.append(f"  {n:6d}  {key[0]:<8s} {key[1]}")
+        lines.append(f"          e.g. {ex['clip_id']} ({ex['source_uri']})")
     if len(kinds) > top:
         lines.append(f"  ({len(kinds) - top} more kinds)")
     lines.append(f"  full table: {location}")
