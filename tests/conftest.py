@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -102,9 +103,15 @@ def ray_local():
 # ----------------------------------------------------------------------------- job processes and a head node
 
 
-def job_env() -> dict:
-    """Environment for a job or `ray` CLI subprocess (this venv's binaries first on PATH)."""
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+def job_env(pin_auth: bool = True, **extra: str) -> dict:
+    """Environment for a job or `ray` CLI subprocess (this venv's binaries first on PATH). With
+    ``pin_auth=False`` Ray decides authentication itself, as it does for a user."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    if pin_auth:
+        env.setdefault("RAY_AUTH_MODE", "disabled")
+    else:
+        env.pop("RAY_AUTH_MODE", None)
+    env.update(extra)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -128,12 +135,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RAY_BIN = str(Path(sys.executable).parent / "ray")
+
+
 @pytest.fixture(scope="session")
-def ray_head():
-    """`ray start --head --num-cpus=2` (this box's real size) on ports of its own; yields the dashboard
-    address for `ray job submit`. Stopped by killing its own session (never `ray stop`)."""
+def ray_head(tmp_path_factory):
+    """The README's cluster steps: token auth (`RAY_AUTH_MODE=token`, `ray get-auth-token --generate`,
+    in a HOME of its own so no real token is touched), then `ray start --head --num-cpus=2` (this box's
+    real size) on ports of its own. Yields (dashboard address, environment for the `ray` CLI). Stopped
+    by killing its own session (never `ray stop`)."""
+    env = job_env(pin_auth=False, RAY_AUTH_MODE="token", HOME=str(tmp_path_factory.mktemp("home")))
+    subprocess.run([RAY_BIN, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dash = free_port(), free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
     # short: Ray's socket paths have a length limit that pytest's tmp_path can exceed
     temp = Path(tempfile.gettempdir()) / f"ray-astra-{os.getpid()}-{port}"
     # every port of its own, so it never collides with another cluster on this machine (e.g. the
@@ -152,7 +165,7 @@ def ray_head():
     ]
     head = subprocess.Popen(
         [
-            ray_bin,
+            RAY_BIN,
             "start",
             "--head",
             "--block",
@@ -164,7 +177,7 @@ def ray_head():
             "--include-dashboard=true",
             *own_ports,
         ],
-        env=job_env(),
+        env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -176,25 +189,29 @@ def ray_head():
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:  # up, and asking for the token: fine
+                break
             except OSError:
                 assert time.monotonic() < deadline and head.poll() is None, "ray head did not come up"
                 time.sleep(1)
-        yield address
+        yield address, env
     finally:
         kill_session(head.pid)
         head.wait(30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit_job(address: str, *entrypoint: str, working_dir: Path | None = None, timeout: int = 400):
-    """`ray job submit --address ADDRESS [--working-dir DIR] -- ENTRYPOINT` (waits for the job)."""
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address]
+def submit_job(head, *entrypoint: str, working_dir: Path | None = None, timeout: int = 400):
+    """`ray job submit --address ADDRESS [--working-dir DIR] -- ENTRYPOINT` against the ``ray_head``
+    fixture's cluster, with its environment (waits for the job)."""
+    address, env = head
+    cmd = [RAY_BIN, "job", "submit", "--address", address]
     if working_dir is not None:
         cmd += ["--working-dir", str(working_dir)]
     cmd += ["--", *entrypoint]
     deadline = time.monotonic() + 90
     while True:
-        job = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=timeout)
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         # the dashboard answers before the head's job agent has registered: retry that case only
         if "No available agent" not in job.stderr or time.monotonic() > deadline:
             return job

@@ -72,7 +72,8 @@ def _add_bad_inputs(folder: Path, manifest: Path) -> dict[str, tuple[str, str]]:
             fh.write(json.dumps({**base, "pose_format": "astra", **rec}) + "\n")
         fh.write('{"clip_id": "no-modality", "uri": "x.mp4"}\n')
     expected = {rec["clip_id"]: want for rec, want in bad[:-1]}
-    expected["no-modality"] = ("manifest", "modality")
+    # manifest rejects are keyed by their line: a clip id alone may belong to a good record
+    expected[f"no-modality <manifest line {len(good) + len(bad) + 1}>"] = ("manifest", "modality")
     return expected
 
 
@@ -176,8 +177,9 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
         "compute.shard_size=1",
         "compute.vae_batch_size=1",
     ]
+    env = job_env(pin_auth=False)  # as a user runs it: Ray's own choice of authentication
     proc = subprocess.Popen(
-        cmd, env=job_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.monotonic() + 240
@@ -200,15 +202,15 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
     assert store.count_rows() == partial, "a killed job kept writing"
     assert 0 < len(partial) < len(good) and all(n == 1 for n in partial.values())
 
-    done = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"skipped {len(partial)} ({len(partial)} stored" in done.stdout
     assert store.count_rows() == dict.fromkeys(good, 1)
     # readable output: start-up time shown, the summary once, none of Ray Data's progress chatter
     out = done.stdout + done.stderr
-    assert "Ray (local) ready in" in out and out.count("manifest records") == 1
+    assert "Ray (local) ready in" in out and out.count("windows written") == 1
     assert "Running Dataset" not in out and "logging_progress" not in out, out[-3000:]
     # nothing left to do: the re-run answers without starting Ray
-    idle = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=300)
+    idle = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert idle.returncode == 0 and f"skipped {len(good)} ({len(good)} stored" in idle.stdout
-    assert "Ray (" not in idle.stdout + idle.stderr and "Ray start-up 0.0 s" in idle.stdout
+    assert "Ray (" not in idle.stdout + idle.stderr

@@ -83,6 +83,11 @@ def test_folder_of_pose_less_videos_is_stored_action_free(tmp_path, ray_local):
     stats = store.read_json(f"stats/{config.encode_hash()}.json")["modalities"]
     assert stats["camera"]["count"] == 2 * 9  # action-free clips add no action rows
 
+    # up-front checks are made again on every run: dropping the requirement takes effect at once
+    relaxed = run_encode(_config(manifest, tmp_path / "store"))
+    assert (relaxed.encoded, relaxed.skipped_stored, relaxed.action_free) == (1, 4, 1) and _adds_up(relaxed)
+    assert not store.get("robot-nopose").has_actions and store.quarantined(config.encode_hash()) == {}
+
 
 def test_long_clips_become_windows_short_ones_count_and_resume_per_window(tmp_path, ray_local, monkeypatch):
     clips = tmp_path / "clips"
@@ -159,22 +164,43 @@ def test_quarantine_keeps_the_latest_status_and_every_run_adds_up(tmp_path, ray_
     assert len(store.quarantine_table(config.encode_hash())) == 1 and store.get("late") is not None
 
 
-def test_watchdog_names_a_hanging_read_and_gives_up(tmp_path, ray_local, caplog):
+def _with_fifo_clip(tmp_path: Path) -> tuple[Path, Path]:
+    """A manifest of one good clip and one whose video is a FIFO: opening it for reading blocks until
+    someone writes (what a stalled network mount does)."""
     manifest = write_dataset(tmp_path / "data", 1, "camera", size=(64, 64), num_frames=17, fps=16.0, seed=9)
     fifo = tmp_path / "data" / "hang.mp4"
-    os.mkfifo(fifo)  # opening it for reading blocks until someone writes: a stalled mount
+    os.mkfifo(fifo)
     with manifest.open("a") as fh:
         fh.write(json.dumps({"clip_id": "hang", "uri": "hang.mp4", "modality": "camera"}) + "\n")
-    config = _config(manifest, tmp_path / "store", "watchdog.warn_after_s=4", "watchdog.fail_after_s=12")
+    return manifest, fifo
+
+
+def _release(fifo: Path) -> None:
+    """End a blocked read of the FIFO (EOF), so no decode task stays stuck on the shared cluster."""
+    threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True).start()
+
+
+def test_watchdog_names_a_hanging_read_and_gives_up(tmp_path, ray_local, caplog):
+    manifest, fifo = _with_fifo_clip(tmp_path)
+    limits = ["compute.decode_timeout_s=null", "watchdog.warn_after_s=4", "watchdog.fail_after_s=30"]
+    config = _config(manifest, tmp_path / "store", *limits)
     try:
         with caplog.at_level(logging.WARNING, logger="astra.encode"), pytest.raises(EncodeStalled):
             run_encode(config)
-        said = caplog.text
-        assert "stalled? decode of clip 'hang'" in said and str(fifo) in said, said
-        assert "free now: CPU" in said and "the stages reserve" in said
     finally:
-        # release the blocked read (EOF) so the decode task ends and the shared cluster is free again
-        threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True).start()
-    # what finished before the stall is kept
-    stored = LatentStore(config.store).clip_ids()
-    assert stored <= {r["clip_id"] for r in _records(manifest)[:1]}
+        _release(fifo)
+    said = caplog.text
+    assert "stalled? decode of clip 'hang'" in said and str(fifo) in said, said
+    assert "free now: CPU" in said and "the stages reserve" in said
+
+
+def test_a_hanging_read_times_out_into_quarantine(tmp_path, ray_local):
+    manifest, fifo = _with_fifo_clip(tmp_path)
+    config = _config(manifest, tmp_path / "store", "compute.decode_timeout_s=3")
+    try:
+        summary = run_encode(config)
+    finally:
+        _release(fifo)
+    assert (summary.encoded, summary.quarantined) == (1, 1) and _adds_up(summary), summary.line()
+    [row] = LatentStore(config.store).quarantine_table(config.encode_hash())
+    assert row["clip_id"] == "hang" and row["stage"] == "read" and "timed out" in row["reason"]

@@ -67,6 +67,30 @@ def test_diagnose_says_what_is_starved():
     assert "slow, not stuck" in diagnose(plan, busy, {"CPU": 1.0, "memory": 6 * GIB}, total, 60)
 
 
+def test_relative_paths_are_refused_inside_a_submitted_job(tmp_path, monkeypatch):
+    """What Ray's job supervisor tells a submitted job's driver: its runtime env has a working_dir."""
+    from astra.encode.config import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.jsonl").write_text("")
+    config = load_encode_config(None, ["preset=tiny", "manifest=m.jsonl", f"store.uri={tmp_path / 's'}"])
+    assert resolve_paths(config).manifest == str(tmp_path / "m.jsonl")  # outside a job: made absolute
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}'
+    )
+    with pytest.raises(
+        ConfigError, match=re.escape("manifest: 'm.jsonl' is a relative path, and this job runs in Ray's")
+    ):
+        resolve_paths(config)
+    absolute = config.model_copy(update={"manifest": str(tmp_path / "m.jsonl")})
+    with pytest.raises(ConfigError, match=re.escape("store.uri: 'runs/store' is a relative path")):
+        resolve_paths(
+            absolute.model_copy(update={"store": absolute.store.model_copy(update={"uri": "runs/store"})})
+        )
+    with pytest.raises(ConfigError, match="a path on the submitting machine is not uploaded"):
+        resolve_paths(absolute.model_copy(update={"manifest": str(tmp_path / "elsewhere.jsonl")}))
+
+
 def _checkout_copy(dest: Path) -> Path:
     """What `ray job submit --working-dir .` uploads: the project's files, without venv or git."""
     for part in ("platform", "jobs"):
@@ -96,7 +120,7 @@ def test_job_submit_to_a_two_cpu_head_runs_the_uploaded_library(tmp_path, ray_he
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-4000:]
     assert "encoded 3, skipped 0 (0 stored, 0 quarantined before), quarantined 0 of 3" in out
-    assert out.count("manifest records") == 1 and "Running Dataset" not in out
+    assert out.count("windows written") == 1 and "Running Dataset" not in out
     printed = re.search(r"encode hash ([0-9a-f]{16})", out).group(1)
     installed = load_encode_config(None, ["preset=tiny", f"manifest={manifest}"]).encode_hash()
     rows = LatentStore(str(store)).catalog().rows()

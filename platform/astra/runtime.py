@@ -115,9 +115,6 @@ def connect(cfg: RayConfig) -> Connection:
     common = {"log_to_driver": False, "logging_level": logging.WARNING}
     shipped = None
     if address is None:
-        # Ray's own default for a new local cluster is token auth; saying so explicitly keeps it and
-        # spares every run Ray's warning about having chosen it
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=cfg.local_num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
     else:
         runtime_env = {}

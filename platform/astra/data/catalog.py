@@ -46,6 +46,7 @@ ROW_FIELDS = [
 CATALOG_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),  # file name inside latents/
+        ("size", pa.int64()),  # bytes: a shard rewritten in place (never by us) is read again
         *[(name, pa.list_(t)) for name, t in ROW_FIELDS],
         ("stats", pa.string()),  # JSON {encode_hash: {modality: ActionStats.to_dict()}}
     ]
@@ -53,7 +54,7 @@ CATALOG_SCHEMA = pa.schema(
 _SCAN_THREADS = 16  # shard reads are I/O bound (S3 latency): overlap them
 
 
-def _scan_shard(fs: pafs.FileSystem, path: str) -> dict:
+def _scan_shard(fs: pafs.FileSystem, path: str, size: int) -> dict:
     """One shard -> its catalog row: id columns and footer only (its old shards: stats from actions)."""
     with fs.open_input_file(path) as fh:
         pf = pq.ParquetFile(fh)
@@ -68,6 +69,7 @@ def _scan_shard(fs: pafs.FileSystem, path: str) -> dict:
     n = len(ids)
     row = {
         "shard": path.rsplit("/", 1)[-1],
+        "size": size,
         "clip_id": ids,
         "source_clip_id": t.column("source_clip_id").to_pylist() if "source_clip_id" in names else ids,
         "window": t.column("window").to_pylist() if "window" in names else [0] * n,
@@ -92,6 +94,7 @@ class Catalog:
         self.store = store
         self.table = CATALOG_SCHEMA.empty_table()
         self.scanned = 0  # shards read by the last refresh (0 when the catalog knew them all)
+        self._where: dict[str, list[tuple[str, str]]] | None = None  # row id -> [(hash, shard)], lazily
 
     @property
     def path(self) -> str:
@@ -109,17 +112,18 @@ class Catalog:
 
     def refresh(self) -> Catalog:
         fs = self.store.fs
-        listed = {p.rsplit("/", 1)[-1]: p for p in self.store.files(LATENTS)}
+        listed = {info.base_name: info for info in self.store.file_infos(LATENTS)}
         cached = self._load()
         known = cached.column("shard").to_pylist()
-        keep = [i for i, name in enumerate(known) if name in listed]
-        new = sorted(set(listed) - set(known))
+        sizes = cached.column("size").to_pylist()
+        keep = [i for i, name in enumerate(known) if name in listed and listed[name].size == sizes[i]]
+        new = sorted(set(listed) - {known[i] for i in keep})
         with ThreadPoolExecutor(min(_SCAN_THREADS, max(1, len(new)))) as pool:
-            scanned = list(pool.map(lambda name: _scan_shard(fs, listed[name]), new))
+            scanned = list(pool.map(lambda name: _scan_shard(fs, listed[name].path, listed[name].size), new))
         table = cached.take(pa.array(keep, type=pa.int64()))
         if scanned:
             table = pa.concat_tables([table, pa.Table.from_pylist(scanned, schema=CATALOG_SCHEMA)])
-        self.table, self.scanned = table, len(new)
+        self.table, self.scanned, self._where = table, len(new), None
         if new or len(keep) != len(known):
             buf = pa.BufferOutputStream()
             pq.write_table(table, buf, compression="zstd")
@@ -142,11 +146,18 @@ class Catalog:
             rows = rows.filter(pc.equal(rows.column("encode_hash"), encode_hash))
         return rows
 
-    def shard_of(self, clip_id: str) -> str | None:
-        """Path of the shard holding row ``clip_id`` (None when no shard does)."""
-        rows = self.rows()
-        hit = pc.index(rows.column("clip_id"), clip_id).as_py()
-        return None if hit < 0 else f"{self.store.root}/{LATENTS}/{rows.column('shard')[hit].as_py()}"
+    def shard_of(self, clip_id: str, encode_hash: str | None = None) -> str | None:
+        """Path of the shard holding row ``clip_id`` of ``encode_hash`` (None: the newest-listed of any
+        generation); None when no shard does."""
+        if self._where is None:
+            rows = self.rows()
+            self._where = {}
+            for cid, h, shard in zip(
+                *(rows.column(c).to_pylist() for c in ("clip_id", "encode_hash", "shard")), strict=True
+            ):
+                self._where.setdefault(cid, []).append((h, shard))
+        hits = [shard for h, shard in self._where.get(clip_id, []) if encode_hash in (None, h)]
+        return f"{self.store.root}/{LATENTS}/{hits[-1]}" if hits else None
 
     def windows(self, encode_hash: str | None) -> tuple[set[str], dict[str, set[int]]]:
         """(source clips stored completely, {source clip: windows stored} for the incomplete ones).

@@ -140,7 +140,9 @@ def write_manifest(
     records: Iterable[ClipRecord | dict], path: str | Path, storage: StorageConfig | None = None
 ) -> str | Path:
     """Write records as JSONL (``.jsonl``) or Parquet (``.parquet``), locally or to s3://."""
-    rows = [r.model_dump(exclude_none=True) if isinstance(r, ClipRecord) else dict(r) for r in records]
+    # duck-typed: under `python -m astra.data.manifest` this module exists twice (__main__ and its
+    # package name), and records built by astra.data.sources are the other copy's ClipRecord
+    rows = [r.model_dump(exclude_none=True) if hasattr(r, "model_dump") else dict(r) for r in records]
     if str(path).endswith(".parquet"):
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buf)

@@ -21,8 +21,8 @@ latents), ``num_frames``, ``fps``, ``height``, ``width``. Each latent shard's fo
 per-modality action statistics (``astra.stats``), so statistics never re-read the action column.
 
 Shards are immutable and written atomically (see ``storage.write_atomic``), named by a hash of their
-content's clip ids, so a retried writer overwrites its own shard instead of duplicating rows. The
-store never rewrites a shard; readers ignore anything that is not ``part-*.parquet``. Quarantine rows
+content's ids (latent shards: and encode hashes), so a retried writer overwrites its own shard instead
+of duplicating rows. The store never rewrites a shard; readers ignore anything not ``part-*.parquet``. Quarantine rows
 carry their time: a clip's status is its latest row, and a clip stored later is no longer quarantined.
 """
 
@@ -234,15 +234,19 @@ class LatentStore:
 
     # ------------------------------------------------------------------ files
 
-    def files(self, table: str) -> list[str]:
-        """Committed shard paths of a table, sorted (paths inside ``self.fs``)."""
+    def file_infos(self, table: str) -> list[pafs.FileInfo]:
+        """Committed shards of a table (path, size, ...), sorted by path."""
         selector = pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True)
-        names = [
-            f.path
+        infos = [
+            f
             for f in self.fs.get_file_info(selector)
             if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")
         ]
-        return sorted(names)
+        return sorted(infos, key=lambda f: f.path)
+
+    def files(self, table: str) -> list[str]:
+        """Committed shard paths of a table, sorted (paths inside ``self.fs``)."""
+        return [f.path for f in self.file_infos(table)]
 
     def write_rows(
         self, table: str, rows: list[dict], key_column: str, salt: str = "", metadata: dict | None = None
@@ -275,9 +279,12 @@ class LatentStore:
         return self.write_latent_rows([r.to_row() for r in records])
 
     def write_latent_rows(self, rows: list[dict]) -> str | None:
-        """Rows in LATENTS_SCHEMA's layout (``LatentRecord.to_row``) as one shard, with its statistics."""
+        """Rows in LATENTS_SCHEMA's layout (``LatentRecord.to_row``) as one shard, with its statistics.
+        The shard's name hashes its row ids *and* encode hashes: another encode generation of the same
+        clips is another shard, never an overwrite (shards stay immutable)."""
+        hashes = ",".join(sorted({str(r["encode_hash"]) for r in rows}))
         return self.write_rows(
-            LATENTS, rows, "clip_id", salt="latents", metadata={STATS_KEY: shard_stats(rows)}
+            LATENTS, rows, "clip_id", salt=f"latents:{hashes}", metadata={STATS_KEY: shard_stats(rows)}
         )
 
     def clip_ids(self, encode_hash: str | None = None) -> set[str]:
@@ -292,14 +299,16 @@ class LatentStore:
             counts[cid] = counts.get(cid, 0) + 1
         return counts
 
-    def get(self, clip_id: str) -> LatentRecord | None:
-        """Random access by row id (the catalog says which shard holds it)."""
-        path = self._catalog.shard_of(clip_id) if self._catalog is not None else None
+    def get(self, clip_id: str, encode_hash: str | None = None) -> LatentRecord | None:
+        """Random access by row id (the catalog says which shard holds it). A store holding several
+        encode generations of a clip needs ``encode_hash`` to choose one."""
+        path = self._catalog.shard_of(clip_id, encode_hash) if self._catalog is not None else None
         if path is None:  # unknown to the cached catalog: another writer may have added it since
-            path = self.catalog().shard_of(clip_id)
+            path = self.catalog().shard_of(clip_id, encode_hash)
         if path is None:
             return None
-        rows = pq.read_table(path, filesystem=self.fs, filters=[("clip_id", "=", clip_id)]).to_pylist()
+        flt = [("clip_id", "=", clip_id)] + ([("encode_hash", "=", encode_hash)] if encode_hash else [])
+        rows = pq.read_table(path, filesystem=self.fs, filters=flt).to_pylist()
         return LatentRecord.from_row(rows[0])
 
     # ------------------------------------------------------------------ prompts

@@ -81,6 +81,12 @@ class ComputeConfig(FrozenModel):
     """Parallelism of the pipeline. ``None`` fields are sized to the cluster the job finds."""
 
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each PyAV decode task.")
+    decode_timeout_s: float | None = Field(
+        900.0,
+        gt=0,
+        description="Seconds a clip's read + decode may take per window before the clip is quarantined "
+        "('timed out'): a hanging read (stalled mount) must not hold a decode slot forever. None: no limit.",
+    )
     vae_actors: int | None = Field(
         None,
         ge=1,

@@ -12,7 +12,10 @@ A clip without ``poses_uri`` (the plan has already checked its modality may go w
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -55,13 +58,55 @@ def _reason(err: Exception) -> str:
     return str(err) or type(err).__name__
 
 
+class DecodeTimeout(Exception):
+    """A clip's read or decode passed ``compute.decode_timeout_s``."""
+
+
+@contextmanager
+def _deadline(seconds: float | None):
+    """Raise DecodeTimeout in this thread after ``seconds`` — also out of a blocking read (SIGALRM
+    interrupts the system call). A no-op off the main thread, where signals cannot be used; reads
+    blocked inside C++ (pyarrow's S3 client) end at that client's own timeouts."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum, frame):
+        raise DecodeTimeout
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def decode_windows_of(record: dict, config: EncodeConfig, tracker=None) -> Iterator[dict]:
     """One manifest record (plus ``done_windows``: windows already stored) -> one row per window still
-    to encode, or one error row. Never raises for bad input."""
+    to encode, or one error row. Never raises for bad input; each window must come within
+    ``compute.decode_timeout_s`` (the clock stops while a finished window is handed on)."""
     if tracker is not None:
         tracker.begin.remote("decode", record["clip_id"], record.get("uri", ""))
+    windows, produced = _windows(record, config), 0
+    limit = config.compute.decode_timeout_s
     try:
-        yield from _windows(record, config)
+        while True:
+            try:
+                with _deadline(limit):
+                    row = next(windows)
+            except StopIteration:
+                return
+            except DecodeTimeout:
+                windows.close()
+                stage = "decode" if produced else "read"
+                yield error_row(
+                    record, stage, f"timed out: no window after {limit:g} s (compute.decode_timeout_s)"
+                )
+                return
+            produced += 1
+            yield row
     finally:
         if tracker is not None:
             tracker.end.remote("decode", record["clip_id"])

@@ -30,6 +30,7 @@ from astra.encode.vae import VAEEncoder
 from astra.encode.writer import ShardWriter
 
 log = logging.getLogger("astra.encode")
+UP_FRONT = ("manifest", "plan")  # quarantine stages decided without decoding anything
 
 
 class EncodeStalled(RuntimeError):
@@ -37,11 +38,9 @@ class EncodeStalled(RuntimeError):
 
 
 def _reject_key(rej: Rejected) -> str:
-    """Quarantine key of a manifest reject: its clip id, made unique for a duplicate (whose id is
-    another record's) or a line without one."""
-    if rej.clip_id is None:
-        return f"<manifest line {rej.line}>"
-    return f"{rej.clip_id} <duplicate, manifest line {rej.line}>" if rej.duplicate else rej.clip_id
+    """Quarantine key of a manifest reject: its line, after its clip id when it has one — never a
+    bare clip id, which a good record (a duplicate's original, a later fixed line) may own."""
+    return f"{rej.clip_id} <manifest line {rej.line}>" if rej.clip_id else f"<manifest line {rej.line}>"
 
 
 def up_front_reason(rec: ClipRecord, config: EncodeConfig) -> str | None:
@@ -71,7 +70,10 @@ def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSu
     summary = EncodeSummary(total=len(records) + len(rejects), store_uri=config.store.uri)
     summary.keys = {r.clip_id for r in records} | {_reject_key(rej) for rej in rejects}
     complete, partial = Catalog(store).refresh().windows(encode_hash)
-    before = {r["clip_id"]: r["reason"] for r in store.quarantine_table(encode_hash, complete)}
+    before = {r["clip_id"]: r for r in store.quarantine_table(encode_hash, complete)}
+    # only what the pipeline found out is remembered: up-front checks are simply made again, so a
+    # changed setting (require_poses, modalities) or a fixed manifest line takes effect at once
+    tried = {cid for cid, r in before.items() if r["stage"] not in UP_FRONT}
 
     failed: list[tuple[str, str, str, str]] = []  # (key, source uri, stage, reason)
     failed += [(_reject_key(rej), config.manifest, "manifest", rej.reason) for rej in rejects]
@@ -82,14 +84,14 @@ def plan(config: EncodeConfig, store: LatentStore) -> tuple[list[dict], EncodeSu
             failed.append((rec.clip_id, rec.uri, "plan", reason))
         elif rec.clip_id in complete:
             summary.skipped_stored += 1
-        elif rec.clip_id in before and not config.retry_quarantined:
+        elif rec.clip_id in tried and not config.retry_quarantined:
             summary.skipped_quarantined += 1
         else:
             done = ",".join(map(str, sorted(partial.get(rec.clip_id, ()))))
             todo.append({**rec.model_dump(), "done_windows": done})
     new = []
     for key, uri, stage, reason in failed:
-        if before.get(key) == reason and not config.retry_quarantined:
+        if key in before and before[key]["reason"] == reason and not config.retry_quarantined:
             summary.skipped_quarantined += 1  # rejected for the same reason before: not written again
             continue
         new.append(
@@ -206,12 +208,14 @@ def _run_pipeline(
                     last_line = now
                     bad = sum(1 for s in state.values() if s == "quarantined")
                     log.info(
-                        "progress: %d/%d clips done (%d quarantined), %d windows, %.2f clips/s",
+                        "progress: %d/%d clips to do finished (%d quarantined), %d windows, %.2f clips/s "
+                        "(of %d manifest records; the others were skipped or rejected up front)",
                         len(finished),
                         len(todo),
                         bad,
                         summary.windows,
                         (len(finished) - bad) / (now - start),
+                        summary.total,
                     )
     except KeyboardInterrupt:
         if not gave_up:
