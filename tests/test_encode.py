@@ -106,7 +106,7 @@ def test_encode_quarantines_bad_input_and_is_idempotent(tmp_path, ray_local):
         assert table[cid]["stage"] == stage, (cid, table[cid]["stage"], stage)  # poses are not "decode"
     dup = [cid for cid in table if cid.startswith(dup_id)]
     assert (
-        dup == [f"{dup_id} <duplicate, manifest line {len(good) + 9}>"]
+        dup == [f"{dup_id} <manifest line {len(good) + 9}>"]
         and "duplicate clip_id" in table[dup[0]]["reason"]
     )
     assert summary.quarantined == len(expected_bad) + 1
