@@ -77,6 +77,43 @@ def test_plan_covers_the_right_frames(n):
     assert plan.target.frames == tuple(range(n, n + layout.target_frames))
 
 
+def test_anchor_rope_position_moves_with_the_window():
+    layout = FramePackConfig()  # the reference layout: window of 1 + 16 + 2 + 1 latents, 8 targets
+    for n in (1, 2, 19, 20):  # the window still reaches frame 1: the anchor sits at its true index
+        one_x = plan_chunk(n, layout).history[-1]
+        assert one_x.rope_positions == one_x.frames
+    for n in (21, 40, 333):
+        plan = plan_chunk(n, layout)
+        one_x = plan.history[-1]
+        oldest = min(f for g in plan.history for f in g.frames if f != 0)
+        assert one_x.frames[0] == 0 and one_x.rope_positions[0] == oldest - 1  # just before the window
+        assert one_x.rope_positions[1:] == one_x.frames[1:]  # every other frame at its true index
+
+
+def _rope_spread(n: int, layout: FramePackConfig) -> int:
+    """Largest RoPE distance (in latent frames) inside the chunk that follows ``n`` history latents."""
+    inputs = pack_chunk(
+        plan_chunk(n, layout),
+        torch.zeros(1, 1, n, 1, 1) if n else None,
+        torch.zeros(1, n + layout.target_frames, 1),
+        torch.zeros(1, 1, 1),
+        torch.tensor([0]),
+    )
+    pos = torch.cat([g.positions[0] for g in (*inputs.history, inputs.target)])
+    return int(pos.max() - pos.min())
+
+
+@pytest.mark.parametrize("layout", [FramePackConfig(), FramePackConfig(target_frames=2, frames_4x=4)])
+def test_rope_distances_stay_in_the_training_range_over_100_chunks(layout):
+    """Every query-key RoPE distance of a 100-chunk rollout lies within what chunks of clips no
+    longer than the window produce (what training sees), for the real and the tiny layout."""
+    window = 1 + layout.recent_frames + layout.frames_2x + layout.frames_4x
+    trained = max(_rope_spread(n, layout) for n in range(window + 2))  # clips that fill the window once
+    rollout = [_rope_spread(1 + k * layout.target_frames, layout) for k in range(100)]
+    assert max(rollout) <= trained, (max(rollout), trained)
+    assert max(rollout) <= window + layout.target_frames  # bounded, not growing with the rollout
+
+
 def test_anchor_dropped_when_configured():
     layout = FramePackConfig(keep_anchor=False)
     plan = plan_chunk(40, layout)

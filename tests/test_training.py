@@ -58,18 +58,32 @@ def test_overfits_fixed_batch_and_keeps_frozen_weights(tiny_config, tiny_model):
         assert any(family in n for n in changed), family
 
 
-def test_noise_as_mask_rate_and_range():
+def test_noise_as_mask_rate_and_level_match_the_reference():
     cfg = DiffusionConfig()
     x = torch.zeros(20_000, 3)
     g = torch.Generator().manual_seed(0)
-    (out,), mask, sigma = noise_as_mask([x], cfg, g)
+    (out,), mask, sigma = noise_as_mask([x], [1], cfg, g)
     rate = mask.float().mean().item()
     assert abs(rate - 0.8) < 0.02, rate
-    lo, hi = cfg.noise_as_mask_sigma
-    assert sigma[mask].min() >= lo and sigma[mask].max() <= hi and torch.all(sigma[~mask] == 0)
+    # the reference: sigma = shift_5(u), u ~ U[0.25, 1] -> [0.625, 1], median shift_5(0.625) = 0.893
+    level = sigma[mask]
+    assert level.min() >= 0.625 - 1e-6 and level.max() <= 1.0 and torch.all(sigma[~mask] == 0)
+    for q, u in ((0.1, 0.325), (0.5, 0.625), (0.9, 0.925)):  # quantiles map through the shift
+        want = 5 * u / (1 + 4 * u)
+        assert abs(level.quantile(q).item() - want) < 0.01, (q, level.quantile(q).item(), want)
     assert torch.equal(out[~mask], x[~mask])  # untouched samples stay clean
     # with x = 0 the corrupted value is sigma * eps: its spread per sample matches sigma
     assert out[mask].abs().mean() > 0.5
+
+
+def test_noise_as_mask_corrupts_only_the_configured_scales():
+    x = [torch.zeros(4000, 3) for _ in range(3)]
+    g = torch.Generator().manual_seed(0)
+    (four, two, one), mask, _ = noise_as_mask(x, [4, 2, 1], DiffusionConfig(), g)  # default: 1x only
+    assert torch.equal(four, x[0]) and torch.equal(two, x[1]) and one[mask].abs().mean() > 0.5
+    every = DiffusionConfig(noise_as_mask_scales=("4x", "2x", "1x"))
+    out, mask, _ = noise_as_mask(x, [4, 2, 1], every, g)
+    assert all(o[mask].abs().mean() > 0.5 for o in out)
 
 
 def test_objective_applies_configured_rates(tiny_config, tiny_model):

@@ -196,7 +196,9 @@ class FramePackConfig(FrozenModel):
     keep_anchor: bool = Field(
         True,
         description="Keep the first latent frame (the start image) at 1x however long the rollout "
-        "(FramePack-F1). False drops it once it leaves the window, as the reference code does.",
+        "(FramePack-F1), at the RoPE position just before the packed window. False: no anchor slot; "
+        "frame 0 is an ordinary history frame and leaves with the window. (The reference keeps a start "
+        "slot only while the history fits its window, then drops it — reproduced by neither.)",
     )
 
     @field_validator("frames_2x", "frames_4x")
@@ -269,8 +271,18 @@ class DiffusionConfig(FrozenModel):
     noise_as_mask_prob: float = Field(
         0.8, ge=0, le=1, description="Probability that a sample's clean history is corrupted (noise-as-mask)."
     )
-    noise_as_mask_sigma: tuple[float, float] = Field(
-        (0.626, 1.0), description="(low, high) of the uniform sigma used to corrupt history."
+    noise_as_mask_range: tuple[float, float] = Field(
+        (0.25, 1.0),
+        description="History corruption level: sigma = shift(u), u ~ U[low, high] on the unshifted "
+        "schedule (the reference: the first 750 of 1,000 shifted steps, sigma in [0.625, 1], median 0.89).",
+    )
+    noise_as_mask_shift: float = Field(
+        5.0, gt=0, description="Shift applied to u for the corruption level (the reference: 5)."
+    )
+    noise_as_mask_scales: tuple[Literal["4x", "2x", "1x"], ...] = Field(
+        ("1x",),
+        description="History scales corrupted by noise-as-mask: the reference corrupts only the 1x group "
+        "(anchor + newest frames); ('4x', '2x', '1x') corrupts all.",
     )
     action_dropout_prob: float = Field(
         0.05,
@@ -279,7 +291,7 @@ class DiffusionConfig(FrozenModel):
         description="Probability that a sample's actions and flags are all zeroed (for AFG).",
     )
 
-    @field_validator("noise_as_mask_sigma")
+    @field_validator("noise_as_mask_range")
     @classmethod
     def _sigma_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 <= v[0] <= v[1] <= 1:

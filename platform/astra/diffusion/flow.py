@@ -69,24 +69,38 @@ def bernoulli(batch: int, p: float, generator: torch.Generator | None = None) ->
     return torch.rand(batch, generator=generator) < p
 
 
+def noise_as_mask_sigmas(
+    batch: int, cfg: DiffusionConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B,) corruption levels: sigma = shift(u), u ~ U[noise_as_mask_range] (the reference draws a
+    timestep among the first 750 of 1,000 shifted steps: sigma in [0.625, 1], median ~0.89)."""
+    lo, hi = cfg.noise_as_mask_range
+    u = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
+    return shift_sigma(u, cfg.noise_as_mask_shift).float()
+
+
 def noise_as_mask(
-    latents: list[torch.Tensor], cfg: DiffusionConfig, generator: torch.Generator | None = None
+    latents: list[torch.Tensor],
+    factors: list[int],
+    cfg: DiffusionConfig,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Corrupt clean history (noise-as-mask): per sample, with probability ``noise_as_mask_prob``,
-    every history latent becomes (1 - s) x + s eps with s ~ U[noise_as_mask_sigma].
+    the history latents of the scales in ``noise_as_mask_scales`` become (1 - s) x + s eps, s from
+    ``noise_as_mask_sigmas``; other scales stay clean.
 
-    latents: history tensors, each (B, ...) (one per FramePack group; a sample uses one s for all).
-    Returns the corrupted tensors, the (B,) bool mask of corrupted samples and their (B,) sigmas
-    (0 where not corrupted).
+    latents: history tensors, each (B, ...), one per FramePack group, whose compression factors are
+    ``factors`` (4, 2, 1); a sample uses one s for all its corrupted groups. Returns the tensors, the
+    (B,) bool mask of corrupted samples and their (B,) sigmas (0 where not corrupted).
     """
     batch = latents[0].shape[0] if latents else 0
     mask = bernoulli(batch, cfg.noise_as_mask_prob, generator)
-    lo, hi = cfg.noise_as_mask_sigma
-    sigma = (lo + (hi - lo) * torch.rand(batch, generator=generator)) * mask
+    sigma = noise_as_mask_sigmas(batch, cfg, generator) * mask
+    scales = {int(s.removesuffix("x")) for s in cfg.noise_as_mask_scales}
     out = []
-    for x in latents:
+    for x, factor in zip(latents, factors, strict=True):
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        out.append(add_noise(x, eps, sigma.to(x.device)))
+        out.append(add_noise(x, eps, sigma.to(x.device)) if factor in scales else x)
     return out, mask, sigma
 
 

@@ -15,6 +15,13 @@ reads the wrong action rows after 20 latents and shifts the most recent frame by
 A compressed group needs a whole number of temporal blocks (2 or 4 frames). While the history is
 still short, a partial block is completed by repeating its oldest frame (edge padding): the slot
 then shows, sits at and acts like that frame.
+
+RoPE positions are the true indices with one exception: the anchor. At its true index 0 it would sit
+~360 latents before the target at chunk 44 — a distance training never produces. It is placed just
+before the oldest frame of the packed window instead (as FramePack-F1 does): while the window still
+reaches frame 1 that *is* index 0, afterwards it moves with the window, so every RoPE distance a chunk
+sees is bounded by the window length whatever the rollout length. Training builds its samples with the
+same ``plan_chunk``, so the anchor sits where training put it.
 """
 
 from __future__ import annotations
@@ -40,7 +47,12 @@ class GroupPlan:
     """One token group: its scale and the latent-frame index of every full-resolution frame it covers."""
 
     scale: str  # "4x" | "2x" | "1x" | "target"
-    frames: tuple[int, ...]
+    frames: tuple[int, ...]  # latent frames gathered (latents, action rows)
+    positions: tuple[int, ...] | None = None  # their RoPE positions; None: the frames themselves
+
+    @property
+    def rope_positions(self) -> tuple[int, ...]:
+        return self.frames if self.positions is None else self.positions
 
     @property
     def factor(self) -> int:
@@ -89,7 +101,8 @@ def plan_chunk(num_history: int, layout: FramePackConfig, num_target: int | None
     """Pack latent frames ``0..num_history-1`` as history for target frames ``num_history..+T-1``.
 
     Newest frames go to the finest scale: ``recent_frames`` at 1x, then ``frames_2x`` at 2x, then
-    ``frames_4x`` at 4x; frame 0 stays at 1x as the anchor when ``layout.keep_anchor``.
+    ``frames_4x`` at 4x; frame 0 stays at 1x as the anchor when ``layout.keep_anchor``, at the RoPE
+    position just before the oldest other packed frame (see the module docstring).
     """
     if num_history < 0:
         raise ValueError(f"num_history must be >= 0, got {num_history}")
@@ -110,9 +123,18 @@ def plan_chunk(num_history: int, layout: FramePackConfig, num_target: int | None
     four = _pad_oldest(take_newest(layout.frames_4x), 4)
     # whatever is left in `rest` is older than the window and is dropped
 
+    one_x = anchor + recent
+    one_x_positions = None
+    others = four + two + recent
+    if anchor and others and min(others) > 1:  # the window has slid past frame 1
+        one_x_positions = tuple([min(others) - 1, *recent])
     history = tuple(
-        GroupPlan(scale, tuple(frames))
-        for scale, frames in (("4x", four), ("2x", two), ("1x", anchor + recent))
+        GroupPlan(scale, tuple(frames), positions)
+        for scale, frames, positions in (
+            ("4x", four, None),
+            ("2x", two, None),
+            ("1x", one_x, one_x_positions),
+        )
         if frames
     )
     target = GroupPlan("target", tuple(range(num_history, num_history + num_target)))
@@ -128,6 +150,7 @@ class TokenGroup:
 
     factor: int
     frames: torch.Tensor  # (B, Tg) long, true latent-frame index of each covered frame
+    positions: torch.Tensor  # (B, Tg) long, their RoPE positions (= frames but for a slid anchor)
     actions: torch.Tensor  # (B, Tg, A) raw action rows of those frames (zero-padded to A)
     flags: torch.Tensor  # (B, Tg) 1 = history frame, 0 = frame to generate
     latents: torch.Tensor | None = None  # (B, C, Tg, h, w)
@@ -137,6 +160,7 @@ class TokenGroup:
         return dataclasses.replace(
             self,
             frames=fn(self.frames),
+            positions=fn(self.positions),
             actions=fn(self.actions),
             flags=fn(self.flags),
             latents=None if self.latents is None else fn(self.latents),
@@ -213,6 +237,7 @@ def concat_inputs(parts: list[ChunkInputs]) -> ChunkInputs:
         return TokenGroup(
             factor=gs[0].factor,
             frames=torch.cat([g.frames for g in gs]),
+            positions=torch.cat([g.positions for g in gs]),
             actions=torch.cat([g.actions for g in gs]),
             flags=torch.cat([g.flags for g in gs]),
             latents=None if gs[0].latents is None else torch.cat([g.latents for g in gs]),
@@ -251,10 +276,12 @@ def pack_chunk(
 
     def group(g: GroupPlan, with_latents: bool) -> TokenGroup:
         idx = torch.tensor(g.frames, dtype=torch.long, device=actions.device)
+        pos = torch.tensor(g.rope_positions, dtype=torch.long, device=actions.device)
         flag = 0.0 if g.scale == "target" else 1.0
         return TokenGroup(
             factor=g.factor,
             frames=idx.expand(batch, -1),
+            positions=pos.expand(batch, -1),
             actions=actions.index_select(1, idx),
             flags=torch.full((batch, len(g.frames)), flag, dtype=actions.dtype, device=actions.device),
             latents=history_latents.index_select(2, idx.to(history_latents.device)) if with_latents else None,

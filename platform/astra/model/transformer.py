@@ -108,7 +108,7 @@ class AstraTransformer(nn.Module):
         self, inputs: ChunkInputs, target_hw: tuple[int, int], num_target_frames: int
     ) -> TokenLayout:
         """RoPE, action pooling and token->slot map of a chunk. Depends only on the inputs' frame
-        indices and sizes, not on x_t or t: a sampler computes it once and passes it to every step."""
+        positions and sizes, not on x_t or t: a sampler computes it once and passes it to every step."""
         bb = self.config.backbone
         _, ph, pw = bb.patch_size
         base = (target_hw[0] // ph, target_hw[1] // pw)
@@ -119,7 +119,7 @@ class AstraTransformer(nn.Module):
             )
         cos, sin, slot_sizes, pools = [], [], [], []
         for g in groups:
-            c, s = rope_at(bb.attention_head_dim, g.frames, base, (g.factor,) * 3)
+            c, s = rope_at(bb.attention_head_dim, g.positions, base, (g.factor,) * 3)
             cos.append(c)
             sin.append(s)
             slots = g.frames.shape[1] // g.factor

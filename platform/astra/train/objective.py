@@ -1,8 +1,8 @@
 """The Astra training objective for one batch of chunks (pure torch; the Ray Train loop calls it).
 
 Per sample: 5% action dropout (all actions and flags zeroed, for AFG), noise-as-mask corruption of
-the clean history (p = 0.8, sigma ~ U[0.626, 1]), a flow-matching timestep from the shifted
-schedule, then the weighted MSE between predicted and true velocity, plus the router's
+the clean history (p = 0.8, sigma = shift_5(U[0.25, 1]), the 1x group only — the reference's
+values, all settings), a flow-matching timestep from the shifted schedule, then the weighted MSE between predicted and true velocity, plus the router's
 load-balancing loss when routing is learned. Randomness comes from one explicit generator.
 """
 
@@ -58,7 +58,7 @@ def training_loss(
     history_sigma = torch.zeros(batch)
     if inputs.history:
         corrupted, noised, history_sigma = noise_as_mask(
-            [g.latents for g in inputs.history], diffusion, generator
+            [g.latents for g in inputs.history], [g.factor for g in inputs.history], diffusion, generator
         )
         inputs = inputs.with_history_latents(corrupted)
 
