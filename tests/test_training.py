@@ -100,11 +100,12 @@ def test_objective_applies_configured_rates(tiny_config, tiny_model):
     assert abs(noised - 0.5) < 0.1 and abs(dropped - 0.25) < 0.1, (noised, dropped)
 
 
-def test_action_dropout_zeroes_actions_and_flags(tiny_config):
+def test_action_dropout_zeroes_actions_flags_and_presence(tiny_config):
     _, inputs = _batch(tiny_config)
     dropped = inputs.without_actions(torch.tensor([True, False]))
     for g in (*dropped.history, dropped.target):
-        assert torch.all(g.actions[0] == 0) and torch.all(g.flags[0] == 0)
+        assert torch.all(g.actions[0] == 0) and torch.all(g.flags[0] == 0) and torch.all(g.present[0] == 0)
+        assert torch.all(g.present[1] == 1)
     assert torch.equal(dropped.history[0].actions[1], inputs.history[0].actions[1])
     assert torch.all(dropped.history[0].flags[1] == 1)
 

@@ -142,6 +142,19 @@ class ActionConfig(FrozenModel):
         "'learned': a top-k softmax router over the unified embedding (the paper).",
     )
     top_k: int = Field(2, ge=1, description="Experts mixed per action vector under learned routing.")
+    normalize: bool = Field(
+        True,
+        description="Normalise each modality's action rows per dimension, (row - mean) / std, with the "
+        "statistics of the store the model is trained on; they are model state (buffers) and travel with "
+        "its checkpoints, so inference sees the same space. False: raw rows (the reference; raw per-latent "
+        "camera deltas are tiny numbers).",
+    )
+    presence_bit: bool = Field(
+        True,
+        description="Give each action row a presence input (1 = a real action, 0 = the null action of AFG, "
+        "action dropout and action-free clips), so the null action stays distinct from the average action "
+        "once rows are normalised. False: the reference's [row, flag] input.",
+    )
     router_aux_weight: float = Field(
         0.01, ge=0, description="Weight of the load-balancing loss of the learned router (ignored when hard)."
     )

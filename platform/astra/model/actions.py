@@ -1,7 +1,10 @@
 """Action encoding: per-modality projectors, the router, and each block's Mixture of Action Experts.
 
-One raw action row per latent frame (zero-padded to the widest modality) plus its history flag
-goes through its modality's projector (Linear raw_dim+1 -> unified_dim, shared by all blocks).
+One raw action row per latent frame (zero-padded to the widest modality) — normalised with the
+modality's training statistics (``normalize``, buffers ``action_mean`` / ``action_std``) — plus its
+history flag and, with ``presence_bit``, a 1/0 "this is a real action" input goes through its
+modality's projector (Linear raw_dim+1(+1) -> unified_dim, shared by all blocks). Null rows (AFG,
+action dropout, action-free clips) are all zeros, whatever the statistics.
 A router turns the unified vector into expert gates once per forward (shared by all blocks, as the
 reference's global router); each block's experts (Linear unified_dim -> dim) are mixed by those
 gates. Routing is either *hard* (modality -> its registered expert, the reference code) or
@@ -25,22 +28,67 @@ class ActionEncoder(nn.Module):
     def __init__(self, cfg: ActionConfig):
         super().__init__()
         self.cfg = cfg
+        extra = 2 if cfg.presence_bit else 1  # history flag (+ presence)
         self.projectors = nn.ModuleDict(
-            {m.name: nn.Linear(m.raw_dim + 1, cfg.unified_dim) for m in cfg.modalities}
+            {m.name: nn.Linear(m.raw_dim + extra, cfg.unified_dim) for m in cfg.modalities}
         )
         self.router = nn.Linear(cfg.unified_dim, cfg.num_experts) if cfg.routing == "learned" else None
         self._hard_expert = [m.expert for m in cfg.modalities]  # modality index -> expert index
+        # per-modality statistics of the training data (identity until set_statistics); float32 always
+        num, width = len(cfg.modalities), cfg.max_raw_dim
+        self.register_buffer("action_mean", torch.zeros(num, width))
+        self.register_buffer("action_std", torch.ones(num, width))
+        self.register_buffer("action_count", torch.zeros(num, dtype=torch.long))  # rows behind them
 
-    def project(self, actions: torch.Tensor, flags: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """actions (B, R, A), flags (B, R), modality (B,) -> unified (B, R, U).
+    @torch.no_grad()
+    def set_statistics(self, stats: dict, min_std: float = 1e-6) -> None:
+        """Load per-modality ``ActionStats`` (from the store); dimensions that never vary are only
+        centred (as ``astra.data.actions.normalise``). Modalities without statistics keep identity."""
+        for i, spec in enumerate(self.cfg.modalities):
+            s = stats.get(spec.name)
+            if s is None or not s.count:
+                continue
+            mean = torch.as_tensor(s.mean, dtype=torch.float32)[: spec.raw_dim]
+            std = torch.as_tensor(s.std, dtype=torch.float32)[: spec.raw_dim]
+            self.action_mean[i].zero_()[: spec.raw_dim] = mean
+            self.action_std[i].fill_(1.0)[: spec.raw_dim] = torch.where(
+                std > min_std, std, torch.ones_like(std)
+            )
+            self.action_count[i] = int(s.count)
+
+    def normalized(
+        self, actions: torch.Tensor, modality: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        """actions (B, R, A) raw -> model space: normalised (if configured), null rows zero."""
+        if self.cfg.normalize:
+            mean = self.action_mean.index_select(0, modality)[:, None]  # (B, 1, A)
+            std = self.action_std.index_select(0, modality)[:, None]
+            actions = (actions.float() - mean) / std
+        return actions * present.unsqueeze(-1).to(actions.dtype)
+
+    def project(
+        self,
+        actions: torch.Tensor,
+        flags: torch.Tensor,
+        modality: torch.Tensor,
+        present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """actions (B, R, A) raw rows, flags (B, R), modality (B,), present (B, R) 1 = real action
+        (default all) -> unified (B, R, U).
 
         Every projector runs on every row and the sample's own modality is selected: no
         data-dependent branches (FSDP and compile friendly); the cost is a few tiny matmuls.
         """
+        if present is None:
+            present = torch.ones_like(flags)
+        actions = self.normalized(actions, modality, present)
+        inputs = (
+            [flags.unsqueeze(-1), present.unsqueeze(-1)] if self.cfg.presence_bit else [flags.unsqueeze(-1)]
+        )
         outs = []
         for spec in self.cfg.modalities:
             proj = self.projectors[spec.name]
-            x = torch.cat([actions[..., : spec.raw_dim], flags.unsqueeze(-1)], dim=-1).to(proj.weight.dtype)
+            x = torch.cat([actions[..., : spec.raw_dim], *inputs], dim=-1).to(proj.weight.dtype)
             outs.append(proj(x))
         stacked = torch.stack(outs, dim=1)  # (B, M, R, U)
         pick = modality.view(-1, 1, 1, 1).expand(-1, 1, *stacked.shape[2:])
@@ -68,9 +116,13 @@ class ActionEncoder(nn.Module):
         return gates.to(unified.dtype), aux
 
     def forward(
-        self, actions: torch.Tensor, flags: torch.Tensor, modality: torch.Tensor
+        self,
+        actions: torch.Tensor,
+        flags: torch.Tensor,
+        modality: torch.Tensor,
+        present: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        unified = self.project(actions, flags, modality)
+        unified = self.project(actions, flags, modality, present)
         gates, aux = self.route(unified, modality)
         return unified, gates, aux
 

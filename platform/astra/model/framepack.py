@@ -153,6 +153,7 @@ class TokenGroup:
     positions: torch.Tensor  # (B, Tg) long, their RoPE positions (= frames but for a slid anchor)
     actions: torch.Tensor  # (B, Tg, A) raw action rows of those frames (zero-padded to A)
     flags: torch.Tensor  # (B, Tg) 1 = history frame, 0 = frame to generate
+    present: torch.Tensor  # (B, Tg) 1 = a real action row, 0 = the null action (AFG, dropout, none)
     latents: torch.Tensor | None = None  # (B, C, Tg, h, w)
 
     def map(self, fn) -> TokenGroup:
@@ -163,6 +164,7 @@ class TokenGroup:
             positions=fn(self.positions),
             actions=fn(self.actions),
             flags=fn(self.flags),
+            present=fn(self.present),
             latents=None if self.latents is None else fn(self.latents),
         )
 
@@ -189,8 +191,8 @@ class ChunkInputs:
         )
 
     def without_actions(self, drop: torch.Tensor | None = None) -> ChunkInputs:
-        """Zero actions *and* flags (the null condition of AFG / action dropout); ``drop`` (B,) bool
-        selects samples, default all."""
+        """Zero actions, flags and presence (the null condition of AFG / action dropout / action-free
+        clips); ``drop`` (B,) bool selects samples, default all."""
 
         def zero(g: TokenGroup) -> TokenGroup:
             if drop is None:
@@ -201,6 +203,7 @@ class ChunkInputs:
                 g,
                 actions=g.actions * keep.view(-1, 1, 1).to(g.actions.dtype),
                 flags=g.flags * keep.view(-1, 1).to(g.flags.dtype),
+                present=g.present * keep.view(-1, 1).to(g.present.dtype),
             )
 
         return dataclasses.replace(
@@ -240,6 +243,7 @@ def concat_inputs(parts: list[ChunkInputs]) -> ChunkInputs:
             positions=torch.cat([g.positions for g in gs]),
             actions=torch.cat([g.actions for g in gs]),
             flags=torch.cat([g.flags for g in gs]),
+            present=torch.cat([g.present for g in gs]),
             latents=None if gs[0].latents is None else torch.cat([g.latents for g in gs]),
         )
 
@@ -284,6 +288,7 @@ def pack_chunk(
             positions=pos.expand(batch, -1),
             actions=actions.index_select(1, idx),
             flags=torch.full((batch, len(g.frames)), flag, dtype=actions.dtype, device=actions.device),
+            present=torch.ones((batch, len(g.frames)), dtype=actions.dtype, device=actions.device),
             latents=history_latents.index_select(2, idx.to(history_latents.device)) if with_latents else None,
         )
 

@@ -41,9 +41,16 @@ def build_wan(
     return wan if dtype is None else wan.to(dtype)
 
 
+def _aligned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors whose memory is not 64-byte aligned. safetensors can hand back tensors at
+    odd offsets; CPU kernels then take other SIMD paths and round differently, so a loaded model would
+    not reproduce the saved one bit for bit."""
+    return {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in state.items()}
+
+
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None, keep_fp32: list[str]) -> dict:
     if dtype is None:
-        return state
+        return _aligned(state)
     return {
         k: v if (not v.is_floating_point() or any(p in k for p in keep_fp32)) else v.to(dtype)
         for k, v in state.items()
@@ -143,7 +150,7 @@ def load_astra(
         raise ConfigError(f"{path}: an adapter-only checkpoint needs the base Wan weights (base=...)")
     wan = base if isinstance(base, WanTransformer3DModel) else load_wan(base, dtype, config.backbone)
     model = AstraTransformer.from_wan(wan.to(device), config)
-    adapter = load_file(str(path / ADAPTER_WEIGHTS), device=str(device))
+    adapter = _aligned(load_file(str(path / ADAPTER_WEIGHTS), device=str(device)))
     missing = set(adapter_state_dict(model)) - set(adapter)
     if missing:
         raise ConfigError(f"{path}: adapter checkpoint lacks {sorted(missing)[:5]}")

@@ -170,7 +170,8 @@ class AstraTransformer(nn.Module):
         groups = [*inputs.history, inputs.target]
         rows = torch.cat([g.actions for g in groups], dim=1)  # (B, R, A)
         flags = torch.cat([g.flags for g in groups], dim=1)  # (B, R)
-        unified, gates, router_loss = self.action_encoder(rows, flags, inputs.modality)
+        present = torch.cat([g.present for g in groups], dim=1)  # (B, R)
+        unified, gates, router_loss = self.action_encoder(rows, flags, inputs.modality, present)
 
         def block_fn(block: AstraBlock, h: torch.Tensor) -> torch.Tensor:
             per_frame = block.moe(unified, gates)  # (B, R, D)
