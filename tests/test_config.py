@@ -77,3 +77,19 @@ def test_every_field_is_documented():
 
     for cls in (AstraConfig, EncodeConfig, TextEncoderConfig):
         walk(cls)
+
+
+def test_derive_revalidates_the_whole_config():
+    from astra.config import derive
+
+    tiny = preset("tiny")
+    assert derive(tiny, ["sampler.num_steps=9"]).sampler.num_steps == 9
+    assert derive(tiny, {"model": {"backbone": {"num_layers": 3}}}).model.backbone.num_layers == 3
+    # a cross-field inconsistency model_copy would let through is refused, naming the fields
+    with pytest.raises(ConfigError, match=r"vae\.z_dim \(8\) must equal model\.backbone\.in_channels \(4\)"):
+        derive(tiny, ["vae.z_dim=8"])
+    assert (
+        tiny.model_copy(update={"vae": tiny.vae.model_copy(update={"z_dim": 8})}).vae.z_dim == 8
+    )  # unchecked
+    with pytest.raises(ConfigError, match=r"did you mean 'sampler\.num_steps'"):
+        derive(tiny, ["sampler.num_step=3"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from astra.config import derive
 from astra.data.actions import latent_actions
 from astra.data.manifest import read_manifest
 from astra.data.store import LatentStore
@@ -155,7 +156,7 @@ def test_quarantine_keeps_the_latest_status_and_every_run_adds_up(tmp_path, ray_
     assert _adds_up(second)
 
     shutil.copy(tmp_path / "data" / src["uri"], tmp_path / "data" / "later.mp4")  # fixed
-    third = run_encode(config.model_copy(update={"retry_quarantined": True}))
+    third = run_encode(derive(config, ["retry_quarantined=true"]))
     assert (third.encoded, third.skipped_stored, third.quarantined) == (1, 3, 1) and _adds_up(third)
     # the clip stored after its retry is no longer listed; the bad line is, once
     assert store.quarantined(config.encode_hash()) == {

@@ -4,6 +4,11 @@ Every model is a frozen pydantic model with ``extra="forbid"``: a typo in a YAML
 bad value fails at load time with a message naming the field. Presets live in ``PRESETS``;
 ``load_config`` reads a YAML file (optionally naming a preset) and applies dotted command
 line overrides such as ``model.backbone.num_layers=4``.
+
+To change a built config use ``derive(config, {"vae": {"z_dim": 8}})`` or ``derive(config,
+["vae.z_dim=8"])``: it re-validates the whole config, cross-field checks included. Never
+``config.model_copy(update=...)``: pydantic skips validation there and would hand back, say, a VAE
+whose latent channels no longer match the backbone's.
 """
 
 from __future__ import annotations
@@ -470,6 +475,13 @@ def load_config(
         data = {**data, "preset": preset}
     data = _deep_merge(data, parse_overrides(list(overrides)))
     return build_config(data, model_cls, presets)
+
+
+def derive(config: BaseModel, overrides: dict[str, Any] | list[str] | tuple[str, ...]) -> Any:
+    """``config`` with ``overrides`` (a nested dict, or dotted ``key=value`` strings) applied and the
+    result validated as a whole; raises ConfigError naming the field, like ``load_config``."""
+    tree = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else overrides
+    return build_config(_deep_merge(config.model_dump(), tree), type(config), presets={})
 
 
 def preset(name: str, **overrides: Any) -> AstraConfig:
