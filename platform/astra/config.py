@@ -236,6 +236,12 @@ class ModelConfig(FrozenModel):
     framepack: FramePackConfig = Field(
         default_factory=FramePackConfig, description="History packing per chunk."
     )
+    context_length: int = Field(
+        512,
+        ge=1,
+        description="Prompt embeddings are zero-padded / truncated to this many tokens, in training and "
+        "at inference alike (Wan's pipeline pads UMT5 output to 512).",
+    )
 
 
 class VAEConfig(FrozenModel):
@@ -370,6 +376,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             },
             "actions": {"unified_dim": 8},
             "framepack": {"target_frames": 2, "recent_frames": 1, "frames_2x": 2, "frames_4x": 4},
+            "context_length": 64,
         },
         "vae": {"base_dim": 8, "z_dim": 4, "dim_mult": (1, 2, 2, 2), "num_res_blocks": 1},
         "sampler": {"num_steps": 4},

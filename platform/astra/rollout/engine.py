@@ -15,6 +15,7 @@ from astra.config import AstraConfig
 from astra.diffusion.flow import sampling_sigmas, timestep_from_sigma
 from astra.diffusion.sampler import Guidance, VelocityFn, euler_sample
 from astra.model.framepack import ChunkInputs, concat_inputs, pack_chunk, plan_chunk
+from astra.model.text import pad_context
 from astra.model.transformer import AstraTransformer, TokenLayout
 from astra.rollout.session import RolloutSession
 
@@ -46,7 +47,7 @@ def session_inputs(
         plan,
         session.history[None],
         rows[None],
-        session.prompt[None],
+        pad_context([session.prompt], config.model.context_length),  # as training pads it
         torch.tensor([acfg.modality_id(session.modality)]),
     )
     return inputs.map(
@@ -105,7 +106,8 @@ def generate_chunks(
     if config.sampler.text_guidance != 1.0:
         if any(s.null_prompt is None for s in sessions):
             raise ValueError("sampler.text_guidance != 1 needs a null prompt embedding in every session")
-        null = torch.stack([s.null_prompt for s in sessions]).to(model.device, model.dtype)
+        null = pad_context([s.null_prompt for s in sessions], config.model.context_length)
+        null = null.to(model.device, model.dtype)
 
     # noise from each session's own generator: a session's chunk does not depend on its batch-mates
     generators = [s.generator() for s in sessions]
