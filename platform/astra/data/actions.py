@@ -153,6 +153,14 @@ def rest_action(modality: str) -> np.ndarray:
     raise ValueError(f"modality: no action maths for '{modality}'; known: {sorted(MODALITY_RAW_DIMS)}")
 
 
+def rest_rows(modality: str, raw_dim: int, n: int) -> np.ndarray:
+    """(n, raw_dim) float32 rest rows: the first row of every stored clip and of every session (zeros
+    for a registered modality without action maths here)."""
+    if MODALITY_RAW_DIMS.get(modality) == raw_dim:
+        return np.tile(rest_action(modality).astype(np.float32), (n, 1))
+    return np.zeros((n, raw_dim), np.float32)
+
+
 def _pairwise(modality: str, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
     if modality == "camera":
         rel = np.linalg.inv(prev) @ nxt  # (N, 4, 4)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load, save
 
-from astra.data.actions import MODALITY_RAW_DIMS, rest_action
+from astra.data.actions import rest_rows
 
 FORMAT = "astra-session/1"
 
@@ -54,7 +54,7 @@ class RolloutSession:
             session_id=session_id,
             modality=modality,
             history=start_latents.float().contiguous(),
-            actions=_rest_rows(modality, raw_dim, start_latents.shape[1]),
+            actions=torch.from_numpy(rest_rows(modality, raw_dim, start_latents.shape[1])),
             prompt=prompt.contiguous(),
             seed=seed,
             rng_state=generator.get_state(),
@@ -118,12 +118,6 @@ class RolloutSession:
             step=int(meta["step"]),
             null_prompt=tensors.get("null_prompt"),
         )
-
-
-def _rest_rows(modality: str, raw_dim: int, n: int) -> torch.Tensor:
-    if MODALITY_RAW_DIMS.get(modality) == raw_dim:
-        return torch.from_numpy(rest_action(modality)).float().expand(n, -1).clone()
-    return torch.zeros(n, raw_dim)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -1,0 +1,111 @@
+"""Training samples: history-length distribution, segments of stored clips, buckets, the engine's layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from astra.data.actions import rest_action
+from astra.data.store import LatentRecord
+from astra.rollout.engine import session_inputs
+from astra.rollout.session import RolloutSession
+from astra.train.config import HistoryConfig, load_train_config
+from astra.train.samples import Bucketer, collate, draw_sample, history_length
+
+
+def _config(*extra: str):
+    return load_train_config(None, ["preset=tiny", *extra])
+
+
+def _record(num_latents: int = 12, actions: bool = True, cid: str = "clip") -> LatentRecord:
+    # latent frame i holds the value i everywhere; action row i is (i, i, ...): segments are legible
+    latents = torch.arange(num_latents, dtype=torch.float32).view(1, -1, 1, 1).expand(4, -1, 8, 8).clone()
+    rows = torch.arange(num_latents, dtype=torch.float32)[:, None].expand(-1, 12).clone()
+    return LatentRecord(
+        clip_id=cid,
+        dataset="synthetic",
+        modality="camera",
+        latents=latents,
+        actions=rows if actions else torch.zeros(0, 12),
+        prompt_key="p",
+        source_uri="/x.mp4",
+        vae_id="random:test",
+        encode_hash="h",
+        num_frames=4 * num_latents - 3,
+        fps=16.0,
+        height=64,
+        width=64,
+    )
+
+
+def test_history_lengths_follow_the_reference_distribution():
+    rng = np.random.default_rng(0)
+    draws = np.array([history_length(20, HistoryConfig(), rng) for _ in range(40_000)])
+    assert abs((draws == 1).mean() - 0.4) < 0.01
+    assert abs((draws == 20).mean() - (0.1 + 0.5 / 19)) < 0.01
+    assert abs((draws == 7).mean() - 0.5 / 19) < 0.006
+    assert draws.min() == 1 and draws.max() == 20
+    assert history_length(1, HistoryConfig(), rng) == 1
+
+
+def test_a_sample_is_a_consecutive_segment_starting_at_rest():
+    config = _config()  # target 2 latents, window 1 + 1 + 2 + 4 = 8
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        s = draw_sample(_record(), config, rng)
+        frames = torch.cat([s.history, s.target], 1)[0, :, 0, 0]
+        start = int(frames[0])
+        assert torch.equal(frames, torch.arange(start, start + len(frames), dtype=torch.float32))
+        assert 1 <= s.num_history <= 8 and s.target.shape[1] == 2
+        np.testing.assert_array_equal(s.actions[0].numpy(), rest_action("camera"))  # the anchor is at rest
+        assert torch.equal(s.actions[1:, 0], frames[1:])  # every other row is the clip's own
+    free = draw_sample(_record(actions=False), config, rng)
+    assert not free.has_actions and torch.equal(free.actions[1], free.actions[0])  # rest rows only
+    assert draw_sample(_record(2), config, rng) is None  # shorter than 1 history + 2 target latents
+
+
+def _with_history(n: int, actions: bool = True):
+    """A sample with exactly ``n`` history latents (history length forced to its maximum)."""
+    forced = ["data.history.p_single=0", "data.history.p_uniform=0", "data.history.p_max=1"]
+    config = _config(*forced, f"data.history.max_latents={n}")
+    return draw_sample(_record(n + 2, actions), config, np.random.default_rng(n))
+
+
+def test_buckets_batch_mixed_history_lengths():
+    config = _config()  # the tiny window: anchor 1 + recent 1 + 2x 2 + 4x 4 = 8 latents
+    bucketer = Bucketer(2, config)
+    assert bucketer.add(_with_history(1)) is None and bucketer.add(_with_history(3)) is None  # other shapes
+    assert bucketer.add(_with_history(9)) is None
+    batch = bucketer.add(_with_history(12))  # both fill the window: the same packed shapes
+    assert batch is not None and [s.num_history for s in batch] == [9, 12] and len(bucketer) == 2
+    target, inputs = collate(batch, {"p": torch.randn(5, 384)}, config)
+    assert target.shape == (2, 4, 2, 8, 8) and inputs.batch_size == 2
+    assert inputs.context.shape == (2, 64, 384)  # padded to model.context_length
+
+
+def test_collate_matches_the_engine_and_nulls_action_free_clips():
+    """The packed inputs of a training sample are those the chunk engine builds for a session with
+    the same history: same frames, same RoPE positions (the slid anchor included), same rows."""
+    config = _config()
+    sample = _with_history(11)  # 11 history latents: the window has slid
+    prompt = torch.randn(5, 384)
+    _, train = collate([sample], {"p": prompt}, config)
+    session = RolloutSession(
+        session_id="s", modality="camera", history=sample.history, actions=sample.actions[:11],
+        prompt=prompt, seed=0, rng_state=torch.Generator().get_state(),
+    )  # fmt: skip
+
+    class _Model:  # session_inputs only asks where tensors go
+        device, dtype = torch.device("cpu"), torch.float32
+
+    engine = session_inputs(session, sample.actions[11:], config.astra, _Model())
+    for a, b in zip((*train.history, train.target), (*engine.history, engine.target), strict=True):
+        assert torch.equal(a.frames, b.frames) and torch.equal(a.positions, b.positions)
+        assert torch.equal(a.actions, b.actions) and torch.equal(a.flags, b.flags)
+    assert train.history[-1].positions[0, 0] > 0  # the anchor moved with the window
+    assert torch.equal(train.context, engine.context)
+
+    free = _with_history(11, actions=False)
+    _, mixed = collate([sample, free], {"p": prompt}, config)
+    for g in (*mixed.history, mixed.target):
+        assert torch.all(g.present[1] == 0) and torch.all(g.actions[1] == 0) and torch.all(g.present[0] == 1)
