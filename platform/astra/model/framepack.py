@@ -190,6 +190,23 @@ class ChunkInputs:
             target=self.target.map(fn),
         )
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ChunkInputs:
+        """On ``device``: latents and prompt in the compute ``dtype``; action rows, flags and presence
+        stay float32 (raw per-latent camera deltas would not survive bf16 before normalisation)."""
+
+        def group(g: TokenGroup) -> TokenGroup:
+            return dataclasses.replace(
+                g.map(lambda t: t.to(device)),
+                latents=None if g.latents is None else g.latents.to(device, dtype),
+            )
+
+        return ChunkInputs(
+            context=self.context.to(device, dtype),
+            modality=self.modality.to(device),
+            history=tuple(group(g) for g in self.history),
+            target=group(self.target),
+        )
+
     def without_actions(self, drop: torch.Tensor | None = None) -> ChunkInputs:
         """Zero actions, flags and presence (the null condition of AFG / action dropout / action-free
         clips); ``drop`` (B,) bool selects samples, default all."""

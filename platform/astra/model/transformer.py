@@ -162,8 +162,10 @@ class AstraTransformer(nn.Module):
         # 1. tokens
         hidden_states = self._embed_tokens(x_t, inputs)
 
-        # 2. timestep + text
-        temb, timestep_proj, context, _ = self.condition_embedder(timestep, inputs.context, None)
+        # 2. timestep + text (the prompt in the compute dtype: under FSDP2 mixed precision the
+        # gathered weights are bf16 while callers may hand float32 inputs)
+        context = inputs.context.to(self.patch_embedding.weight.dtype)
+        temb, timestep_proj, context, _ = self.condition_embedder(timestep, context, None)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6, D)
 
         # 3. actions: rows of all groups in token order -> unified vectors and gates (once)

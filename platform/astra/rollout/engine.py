@@ -50,9 +50,7 @@ def session_inputs(
         pad_context([session.prompt], config.model.context_length),  # as training pads it
         torch.tensor([acfg.modality_id(session.modality)]),
     )
-    return inputs.map(
-        lambda t: t.to(model.device, model.dtype) if t.is_floating_point() else t.to(model.device)
-    )
+    return inputs.to(model.device, model.dtype)
 
 
 def branch_velocity_fn(
