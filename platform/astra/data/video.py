@@ -1,4 +1,4 @@
-"""Video decode with PyAV: frames sampled at a target fps, resized + centre-cropped, in windows of 1 + 4k.
+"""Video decode (and encode) with PyAV: frames sampled at a target fps, resized + centre-cropped, in windows of 1 + 4k.
 
 Frames are decoded in order and only the ones nearest to the target times t_k = k / target_fps are
 converted (swscale resize in C, then a numpy centre crop), so memory stays at the output size whatever
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -185,3 +187,29 @@ def decode_clip(
 ) -> DecodedClip:
     """Exactly ``num_frames`` (1 + 4k) frames from the start of ``source``; ClipError if it is shorter."""
     return next(decode_windows(source, size, target_fps, num_frames, num_frames, 1, fps))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def check_even(height: int, width: int) -> None:
+    if height % 2 or width % 2 or height < 2 or width < 2:
+        raise ValueError(f"size: H.264 yuv420p needs an even height and width, got {height}x{width}")
+
+
+def encode_mp4(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:
+    """Write (N, H, W, 3) uint8 RGB frames as H.264 yuv420p at ``fps``."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames: expected (N, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    check_even(frames.shape[1], frames.shape[2])
+    rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 2997/100 exactly, 16.0 -> 16
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": "medium"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for img in frames:
+            # the encoder converts rgb24 -> yuv420p (BT.601, limited range, as decoders assume)
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24"))
+            )
+        container.mux(stream.encode())  # flush delayed frames

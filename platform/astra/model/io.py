@@ -128,6 +128,14 @@ def save_astra(model: AstraTransformer, path: str | Path, adapter_only: bool = F
     return path
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The architecture an Astra checkpoint folder was saved with."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise ConfigError(f"{path}: no {CONFIG_NAME}; not an Astra checkpoint folder")
+    return ModelConfig.model_validate(json.loads((path / CONFIG_NAME).read_text())["model"])
+
+
 def load_astra(
     path: str | Path,
     base: WanTransformer3DModel | str | Path | None = None,
@@ -136,10 +144,8 @@ def load_astra(
 ) -> AstraTransformer:
     """Load an Astra checkpoint folder. An adapter checkpoint needs ``base`` (a Wan model or its path)."""
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise ConfigError(f"{path}: no {CONFIG_NAME}; not an Astra checkpoint folder")
+    config = read_model_config(path)
     meta = json.loads((path / CONFIG_NAME).read_text())
-    config = ModelConfig.model_validate(meta["model"])
     if meta["kind"] == "full":
         wan = build_wan(config.backbone, device="meta")
         model = AstraTransformer(config, wan)

@@ -7,6 +7,9 @@ row decoded into a ``LatentRecord`` (tensors rebuilt from bytes + dtype + shape)
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import ray
 
 from astra.data.store import LATENTS, LATENTS_SCHEMA, LatentRecord, LatentStore
@@ -31,3 +34,102 @@ def records(ds: ray.data.Dataset):
     """Iterate the decoded records of ``stream_latents`` (a convenience for loops and tests)."""
     for row in ds.iter_rows():
         yield row["record"]
+
+
+# ----------------------------------------------------------------------------- the training data plan
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What a training run reads, decided on the driver before any worker starts."""
+
+    encode_hash: str
+    rank_files: tuple[tuple[str, ...], ...]  # shard paths each rank streams
+    filter_by_hash: bool  # fewer shards than ranks: every rank reads all, keeps its share of clips
+    val_ids: tuple[str, ...]  # held-out rows (by a hash of their id)
+    num_train: int  # training rows
+    longest: int  # latents of the longest training row
+    stats: dict  # modality -> ActionStats of the generation
+
+
+def clip_hash(clip_id: str) -> int:
+    return int(hashlib.sha256(clip_id.encode()).hexdigest()[:12], 16)
+
+
+def plan_data(config, world: int) -> DataPlan:
+    """Check the store against the config and split it: ConfigError (naming the setting) for an
+    empty or missing store, several generations without ``data.encode_hash``, unknown modalities,
+    clips all too short for the history + target, or too few clips for validation and the workers."""
+    from astra.config import ConfigError
+
+    d = config.data
+    store = LatentStore(d.store)
+    catalog = store.catalog()
+    rows = catalog.rows()
+    hashes = sorted(set(rows.column("encode_hash").to_pylist()))
+    if not hashes:
+        raise ConfigError(f"data.store.uri: no latents in {d.store.uri} (run jobs/encode.py first)")
+    encode_hash = d.encode_hash or (hashes[0] if len(hashes) == 1 else None)
+    if encode_hash is None:
+        raise ConfigError(f"data.encode_hash: the store holds generations {hashes}; choose one")
+    if encode_hash not in hashes:
+        raise ConfigError(f"data.encode_hash: {encode_hash} is not in the store; it holds {hashes}")
+    rows = catalog.rows(encode_hash).to_pylist()
+    known = [m.name for m in config.astra.model.actions.modalities]
+    unknown = sorted({r["modality"] for r in rows} - set(known))
+    if unknown:
+        raise ConfigError(
+            f"astra.model.actions.modalities: the store has modalities {unknown}, not registered ({known})"
+        )
+    rows = [r for r in rows if d.weights.get(r["modality"], 1.0) > 0]
+    need = config.target_latents + 1
+    usable = [r for r in rows if r["num_latents"] >= need]
+    if not usable:
+        longest = max((r["num_latents"] for r in rows), default=0)
+        raise ConfigError(
+            f"data.target_latents: a sample needs {need} latents (1 history + {config.target_latents} target) but "
+            f"the longest clip has {longest}; lower data.target_latents or encode longer clips"
+        )
+    longest = max(r["num_latents"] for r in usable)
+    if d.history.max_latents is not None and d.history.max_latents + config.target_latents > longest:
+        raise ConfigError(
+            f"data.history.max_latents: {d.history.max_latents} history + {config.target_latents} target latents "
+            f"exceed the longest clip ({longest} latents)"
+        )
+    ranked = sorted(usable, key=lambda r: clip_hash(r["clip_id"]))
+    val = ranked[: d.val_clips]
+    train = ranked[d.val_clips :]
+    if len(train) < world:
+        raise ConfigError(
+            f"data.val_clips: {len(usable)} usable clips leave {len(train)} for training, fewer than "
+            f"parallel.workers={world}"
+        )
+    shards = sorted({r["shard"] for r in train})
+    base = f"{store.root}/{LATENTS}"
+    if len(shards) >= world:
+        files = tuple(tuple(f"{base}/{s}" for s in shards[i::world]) for i in range(world))
+        by_hash = False
+    else:
+        files = tuple(tuple(f"{base}/{s}" for s in shards) for _ in range(world))
+        by_hash = True
+    return DataPlan(
+        encode_hash=encode_hash,
+        rank_files=files,
+        filter_by_hash=by_hash,
+        val_ids=tuple(r["clip_id"] for r in val),
+        num_train=len(train),
+        longest=max(r["num_latents"] for r in train),
+        stats=catalog.stats(encode_hash),
+    )
+
+
+def rank_datasets(plan: DataPlan, config) -> dict[str, ray.data.Dataset]:
+    """One Ray Dataset per rank (``rank0``, ``rank1``, ...), each over its own shards in a fixed
+    order, so every rank's stream is a deterministic function of the seed (exact resume)."""
+    store = LatentStore(config.data.store)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # captured by the datasets made below
+    return {
+        f"rank{i}": ray.data.read_parquet(list(files), filesystem=store.fs, schema=LATENTS_SCHEMA)
+        for i, files in enumerate(plan.rank_files)
+    }

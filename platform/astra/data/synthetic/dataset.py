@@ -11,10 +11,8 @@ and the world seed (``camera-00003-w123456``), so a clip's world can be rebuilt 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from astra.data.actions import MODALITY_RAW_DIMS
@@ -23,6 +21,7 @@ from astra.data.synthetic.policies import random_actions
 from astra.data.synthetic.scene import render
 from astra.data.synthetic.sim import SimState, initial_state, pose_of, step
 from astra.data.synthetic.worlds import World, make_world, prompt_of
+from astra.data.video import check_even, encode_mp4
 
 MIXED_ORDER = ("camera", "driving", "robot")  # "mixed" datasets cycle through these
 
@@ -48,36 +47,13 @@ def rollout(world: World, start: SimState, actions: np.ndarray, size: tuple[int,
     return Clip(frames, np.stack([pose_of(s) for s in states]), states, actions)
 
 
-def _check_even(height: int, width: int) -> None:
-    if height % 2 or width % 2 or height < 2 or width < 2:
-        raise ValueError(f"size: H.264 yuv420p needs an even height and width, got {height}x{width}")
-
-
-def encode_mp4(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:
-    """Write (N, H, W, 3) uint8 RGB frames as H.264 yuv420p at ``fps``."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames: expected (N, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    _check_even(frames.shape[1], frames.shape[2])
-    rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 2997/100 exactly, 16.0 -> 16
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": "medium"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for img in frames:
-            # the encoder converts rgb24 -> yuv420p (BT.601, limited range, as decoders assume)
-            container.mux(
-                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24"))
-            )
-        container.mux(stream.encode())  # flush delayed frames
-
-
 def write_clip(clip: Clip, world: World, out_dir: Path, clip_id: str, fps: float) -> dict:
     """Write ``<clip_id>.mp4`` and ``<clip_id>.poses.npz`` into ``out_dir``; return the manifest record."""
     if not fps > 0:
         raise ValueError(f"fps: must be > 0, got {fps}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_even(clip.frames.shape[1], clip.frames.shape[2])  # before writing anything
+    check_even(clip.frames.shape[1], clip.frames.shape[2])  # before writing anything
     encode_mp4(clip.frames, out_dir / f"{clip_id}.mp4", fps)
     times = np.arange(len(clip.poses), dtype=np.float64) / fps
     np.savez(out_dir / f"{clip_id}.poses.npz", times=times, states=np.asarray(clip.poses, dtype=np.float64))
@@ -120,7 +96,7 @@ def write_dataset(
             f"num_clips / num_frames: need >= 0 clips of >= 1 frame, got {num_clips}, {num_frames}"
         )
     size = (int(size[0]), int(size[1]))
-    _check_even(*size)
+    check_even(*size)
     out_dir = Path(out_dir)
     records = []
     for i in range(num_clips):

@@ -1,0 +1,89 @@
+"""Build the model on every worker and parallelise it from the outside (the torchtitan pattern).
+
+1. Rank 0 builds the real model on CPU from the configured initial weights (random / Wan folder /
+   original Wan file / Astra checkpoint) and keeps it: it is also where the adapter is exported.
+   Every other rank builds the same architecture on the *meta* device — no memory, no weights — so
+   host memory does not grow with the number of workers on a node.
+2. Whitelist: only Astra's adapter parameters require grad.
+3. Activation checkpointing per block, then FSDP2 ``fully_shard`` per block and at the root with a
+   ``MixedPrecisionPolicy`` (bf16 compute by default, fp32 reductions) over fp32 master weights.
+4. Materialise (``to_empty``) and load: rank 0's full state is broadcast shard by shard
+   (``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)``).
+
+With one worker and no process group it is the plain model (no FSDP), same code path otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from astra.model import AstraTransformer, build_wan, load_wan, mark_trainable
+from astra.model.io import load_astra, load_wan_original, read_model_config
+from astra.train.config import TrainConfig
+
+
+def initial_model(config: TrainConfig) -> AstraTransformer:
+    """The real model on CPU with the configured starting weights (float32 master weights)."""
+    init, mcfg = config.init, config.astra.model
+    if init.kind == "astra":
+        return load_astra(init.path, base=init.base, dtype=torch.float32)
+    if init.kind == "wan":
+        wan = load_wan(init.path, torch.float32, mcfg.backbone)
+    elif init.kind == "wan_original":
+        wan = load_wan_original(init.path, mcfg.backbone, torch.float32)
+    else:
+        torch.manual_seed(init.seed)
+        wan = build_wan(mcfg.backbone)
+    return AstraTransformer.from_wan(wan, mcfg)
+
+
+def meta_model(config: TrainConfig) -> AstraTransformer:
+    """The same architecture with no storage (every rank but 0)."""
+    mcfg = config.astra.model
+    if config.init.kind == "astra":  # the checkpoint's own architecture
+        mcfg = read_model_config(config.init.path)
+    with torch.device("meta"):
+        return AstraTransformer(mcfg, build_wan(mcfg.backbone, device="meta"))
+
+
+def parallelize(model: AstraTransformer, config: TrainConfig) -> AstraTransformer:
+    """Activation checkpointing, then FSDP2 per block and at the root (when a process group exists)."""
+    p = config.parallel
+    model.gradient_checkpointing = p.activation_checkpointing
+    if not (p.fsdp and dist.is_available() and dist.is_initialized()):
+        return model
+    mp = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, p.param_dtype), reduce_dtype=getattr(torch, p.reduce_dtype)
+    )
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
+    return model
+
+
+def build(
+    config: TrainConfig, device: torch.device, prepare=None
+) -> tuple[AstraTransformer, AstraTransformer | None]:
+    """(the parallelised training model on ``device``, rank 0's full CPU model — None elsewhere; the
+    same object without a process group). ``prepare(full)`` runs on rank 0's model before it is
+    shared (e.g. to load the store's action statistics)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    full = initial_model(config) if rank == 0 else None
+    if full is not None and prepare is not None:
+        prepare(full)
+    if not distributed:
+        mark_trainable(full)
+        return parallelize(full.to(device), config), full
+    model = meta_model(config)
+    mark_trainable(model)
+    parallelize(model, config)
+    model.to_empty(device=device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    return model, full
