@@ -164,7 +164,7 @@ def test_long_rollout_every_token_reads_its_own_frames_actions(tiny_config, tiny
 
             with torch.no_grad():
                 model(torch.randn(1, 4, 8, 8, 8), torch.tensor([500.0]), inputs)
-            features = captured[-1][0]  # (N, D)
+            features = model.blocks[1].action_features(captured[-1])[0]  # (N, D) at the block's input
             # independent recomputation: token order [4x | 2x | 1x | target], slots of `factor` frames
             unified, gates, _ = model.action_encoder(
                 torch.cat([g.actions for g in (*inputs.history, inputs.target)], 1),

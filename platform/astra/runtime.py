@@ -82,7 +82,8 @@ def resolve_local(field: str, uri: str) -> str:
 
 
 def quiet_ray_logs() -> None:
-    """Ray Data's progress bars and per-dataset log lines to Ray's log files only (warnings still show)."""
+    """Ray Data's progress bars and per-dataset log lines, Ray Train's per-report lines: to Ray's log
+    files only (warnings still show). Call it in the driver and in workers whose output is shown."""
     import ray.data
     from ray.util.debug import log_once
 
@@ -95,6 +96,7 @@ def quiet_ray_logs() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -104,18 +106,20 @@ class Connection:
     shipped: str | None  # the library folder sent to the workers, if any
 
 
-def connect(cfg: RayConfig) -> Connection:
-    """Start or join Ray (see the module docstring); returns what was done and how long it took."""
+def connect(cfg: RayConfig, log_to_driver: bool = False, dashboard: bool = False) -> Connection:
+    """Start or join Ray (see the module docstring); returns what was done and how long it took.
+    ``log_to_driver``: show the workers' and controllers' output here (training progress);
+    ``dashboard``: a local cluster with Ray's dashboard and state API (Ray Train queries it)."""
     import ray
 
     import astra
 
     start = time.monotonic()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    common = {"log_to_driver": False, "logging_level": logging.WARNING}
+    common = {"log_to_driver": log_to_driver, "logging_level": logging.WARNING}
     shipped = None
     if address is None:
-        ray.init(num_cpus=cfg.local_num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+        ray.init(num_cpus=cfg.local_num_cpus or os.cpu_count() or 1, include_dashboard=dashboard, **common)
     else:
         runtime_env = {}
         if cfg.ship_library:

@@ -14,11 +14,24 @@ block exactly, which is what makes the zero-action parity test bitwise.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 
 from astra.model.actions import ActionExperts
+
+
+class BlockActions(NamedTuple):
+    """The chunk's encoded actions, computed once per forward and handed to every block, which turns
+    them into its own per-token features *inside* its forward (under FSDP2 a block's experts are
+    gathered only there)."""
+
+    unified: torch.Tensor  # (B, R, U) one unified vector per action row
+    gates: torch.Tensor  # (B, R, E) expert gates
+    pool: torch.Tensor  # (S, R) averages rows (latent frames) into token slots
+    token_slot: torch.Tensor  # (N,) slot of every token
 
 
 class AstraBlock(nn.Module):
@@ -48,13 +61,19 @@ class AstraBlock(nn.Module):
         self.projector.bias.zero_()
         self.moe.reset_parameters()
 
+    def action_features(self, actions: BlockActions) -> torch.Tensor:
+        """This block's experts on the action rows, pooled to slots and spread over tokens: (B, N, D)."""
+        per_frame = self.moe(actions.unified, actions.gates)  # (B, R, D)
+        per_slot = torch.einsum("sr,brd->bsd", actions.pool.to(per_frame.dtype), per_frame)  # (B, S, D)
+        return per_slot.index_select(1, actions.token_slot)
+
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, N, D)
         encoder_hidden_states: torch.Tensor,  # (B, L, D) projected text
         temb: torch.Tensor,  # (B, 6, D) timestep projection
         rotary_emb: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, N, 1, head_dim)
-        action_features: torch.Tensor | None = None,  # (B, N, D)
+        actions: BlockActions | None = None,
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
             self.scale_shift_table + temb.float()
@@ -64,8 +83,10 @@ class AstraBlock(nn.Module):
         norm_hidden_states = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(
             hidden_states
         )
-        if action_features is not None:
-            norm_hidden_states = norm_hidden_states + action_features.to(norm_hidden_states.dtype)
+        if actions is not None:
+            norm_hidden_states = norm_hidden_states + self.action_features(actions).to(
+                norm_hidden_states.dtype
+            )
         attn_output = self.attn1(norm_hidden_states, None, None, rotary_emb)
         attn_output = self.projector(attn_output)
         hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from astra.config import BackboneConfig, ConfigError, ModelConfig
 from astra.model.actions import ActionEncoder
-from astra.model.block import AstraBlock
+from astra.model.block import AstraBlock, BlockActions
 from astra.model.framepack import ChunkInputs, CleanXEmbedder, TokenGroup
 from astra.model.rope import rope_at
 
@@ -138,7 +138,16 @@ class AstraTransformer(nn.Module):
     def _embed_tokens(self, x_t: torch.Tensor, inputs: ChunkInputs) -> torch.Tensor:
         parts = [self.clean_x_embedder(g.latents, g.factor) for g in inputs.history]
         target = self.patch_embedding(x_t).flatten(2).transpose(1, 2)  # (B, T*h/2*w/2, D)
-        return torch.cat([*parts, target], dim=1).contiguous()  # (B, N, D)
+        tokens = torch.cat([*parts, target], dim=1).contiguous()  # (B, N, D)
+        if self.training and torch.is_grad_enabled():
+            # Every history embedder takes part in every training step, with a zero contribution when
+            # its scale is absent (a one-latent history has no 2x/4x group): under FSDP2 a parameter
+            # with a gradient on one rank and none on another breaks the gradient reduce-scatter.
+            used = {g.factor for g in inputs.history}
+            idle = [p for f in (1, 2, 4) if f not in used for p in self.clean_x_embedder.conv(f).parameters()]
+            if idle:
+                tokens = tokens + sum(p.sum() for p in idle) * 0.0
+        return tokens
 
     # ------------------------------------------------------------------ forward
 
@@ -175,11 +184,10 @@ class AstraTransformer(nn.Module):
         present = torch.cat([g.present for g in groups], dim=1)  # (B, R)
         unified, gates, router_loss = self.action_encoder(rows, flags, inputs.modality, present)
 
+        actions = BlockActions(unified, gates, layout.pool, layout.token_slot)
+
         def block_fn(block: AstraBlock, h: torch.Tensor) -> torch.Tensor:
-            per_frame = block.moe(unified, gates)  # (B, R, D)
-            per_slot = torch.einsum("sr,brd->bsd", layout.pool.to(per_frame.dtype), per_frame)
-            features = per_slot.index_select(1, layout.token_slot)  # (B, N, D)
-            return block(h, context, timestep_proj, layout.rope, features)
+            return block(h, context, timestep_proj, layout.rope, actions)
 
         # 4. blocks
         for block in self.blocks:
@@ -196,4 +204,6 @@ class AstraTransformer(nn.Module):
         hidden_states = hidden_states.reshape(batch, num_frames, height // ph, width // pw, 1, ph, pw, -1)
         hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T, 1, h/2, 2, w/2, 2)
         velocity = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return velocity, {"router_loss": router_loss}
+        # a fresh tensor, not a view: FSDP2 hooks the root output for backward, and a view would let an
+        # in-place op on it bypass that hook
+        return velocity.clone(), {"router_loss": router_loss}

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from astra.config import PRESETS, AstraConfig, FrozenModel, load_config
+from astra.config import PRESETS, AstraConfig, ConfigError, FrozenModel, load_config
 from astra.data.storage import StorageConfig
-from astra.runtime import RayConfig
+from astra.runtime import RayConfig, resolve_local
 
 
 class HistoryConfig(FrozenModel):
@@ -93,7 +93,11 @@ class ParallelConfig(FrozenModel):
 
     workers: int = Field(1, ge=1, description="Ray Train workers (one per accelerator).")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); False: CPU workers (gloo).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per worker; None: 1, or less on a small cluster so that every worker fits.",
+    )
     fsdp: bool = Field(True, description="FSDP2 fully_shard per block and at the root (False: replicate).")
     param_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Compute dtype of the sharded parameters (master weights stay float32)."
@@ -104,6 +108,15 @@ class ParallelConfig(FrozenModel):
     )
     activation_checkpointing: bool = Field(
         True, description="Recompute each block's activations in backward."
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak TFLOP/s of one accelerator, for MFU; None: known GPUs by name (H100, A100, ...), "
+        "no MFU on others (CPUs).",
+    )
+    max_failures: int = Field(
+        3, ge=0, description="Worker-group restarts from the last checkpoint after a worker dies."
     )
 
 
@@ -207,3 +220,19 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 def load_train_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     return load_config(path, overrides, model_cls=TrainConfig, presets=TRAIN_PRESETS)
+
+
+def resolve_paths(config: TrainConfig) -> TrainConfig:
+    """Before any cluster starts: storage and store as absolute paths (or s3://), a tracking server for
+    remote storage (the default MLflow store is a file beside local storage)."""
+    data = config.model_dump()
+    data["storage_path"] = resolve_local("storage_path", config.storage_path)
+    data["data"]["store"]["uri"] = resolve_local("data.store.uri", config.data.store.uri)
+    if "://" in data["storage_path"] and config.tracking.tracking_uri is None:
+        raise ConfigError(
+            "tracking.tracking_uri: storage_path is remote; give an MLflow tracking server URI "
+            "(the default store is a local sqlite file beside the runs)"
+        )
+    if config.init.kind != "random" and config.init.path:
+        data["init"]["path"] = resolve_local("init.path", config.init.path)
+    return TrainConfig.model_validate(data)

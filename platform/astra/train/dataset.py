@@ -123,13 +123,30 @@ def plan_data(config, world: int) -> DataPlan:
     )
 
 
+# Read tasks reserve no CPU: they are I/O and Parquet decoding, light next to a training step, and
+# a reservation would compete with the workers' own (Ray Train excludes the workers' resources from
+# Ray Data's budget, so on a small cluster reserved reads never get scheduled). For the same reason a
+# rank's shards are read by a 0-CPU flat_map over their paths, not read_parquet (whose file listing
+# task asks for a whole CPU).
+DATA_CPUS = 0.0
+
+
+def _shard_rows(item: dict, storage) -> list[dict]:
+    """Every latent row of one shard file (bytes columns stay bytes; decoded on the worker)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem()[0], item["path"]
+    return pq.read_table(path, filesystem=fs, schema=LATENTS_SCHEMA).to_pylist()
+
+
 def rank_datasets(plan: DataPlan, config) -> dict[str, ray.data.Dataset]:
     """One Ray Dataset per rank (``rank0``, ``rank1``, ...), each over its own shards in a fixed
     order, so every rank's stream is a deterministic function of the seed (exact resume)."""
-    store = LatentStore(config.data.store)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # captured by the datasets made below
     return {
-        f"rank{i}": ray.data.read_parquet(list(files), filesystem=store.fs, schema=LATENTS_SCHEMA)
+        f"rank{i}": ray.data.from_items(
+            [{"path": p} for p in files], override_num_blocks=max(1, len(files))
+        ).flat_map(_shard_rows, fn_kwargs={"storage": config.data.store}, num_cpus=DATA_CPUS)
         for i, files in enumerate(plan.rank_files)
     }

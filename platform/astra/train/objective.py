@@ -80,3 +80,25 @@ def training_loss(
         history_sigma=history_sigma,
         actions_dropped=dropped,
     )
+
+
+@torch.no_grad()
+def fixed_sigma_loss(
+    model: AstraTransformer,
+    target_latents: torch.Tensor,
+    inputs: ChunkInputs,
+    sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    seed: int = 0,
+) -> torch.Tensor:
+    """Validation loss: plain velocity MSE at fixed noise levels with fixed noise, clean history and
+    real actions (no corruption, no dropout), so runs and steps compare. Returns (len(sigmas),)."""
+    generator = torch.Generator().manual_seed(seed)
+    device = target_latents.device
+    noise = torch.randn(target_latents.shape, generator=generator, dtype=target_latents.dtype).to(device)
+    out = []
+    for s in sigmas:
+        sigma = torch.full((target_latents.shape[0],), s)
+        x_t = add_noise(target_latents, noise, sigma.to(device))
+        pred, _ = model(x_t, timestep_from_sigma(sigma).to(device), inputs)
+        out.append((pred.float() - velocity_target(target_latents, noise).float()).pow(2).mean())
+    return torch.stack(out)

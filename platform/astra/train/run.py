@@ -1,0 +1,118 @@
+"""The training job on the driver: check the data, then one Ray Train ``TorchTrainer`` run.
+
+Everything that can be wrong with the config or the store is found by ``plan_data`` before a single
+worker starts. The run is named by ``run_name`` under ``storage_path``: re-running the same command
+resumes from its last checkpoint (Ray Train V2), and ``FailureConfig(max_failures)`` restarts the
+worker group from there when a worker dies. Progress lines come from a controller callback fed by
+the workers' ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from astra.config import ConfigError
+from astra.data.storage import resolve
+from astra.train.config import TrainConfig
+from astra.train.dataset import DATA_CPUS, DataPlan, rank_datasets
+from astra.train.loop import train_loop
+from astra.train.tracking import config_hash
+
+log = logging.getLogger("astra.train")
+
+
+class Progress(ray.train.UserCallback):
+    """A line per reported step: loss, throughput, ETA (runs in Ray Train's controller)."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+        self.first: tuple[float, int] | None = None
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = metrics[0] if metrics else {}
+        if "step" not in m:
+            return
+        step, now = int(m["step"]), time.monotonic()
+        if self.first is None or step <= self.first[1]:
+            self.first = (now, step)
+        done = step - self.first[1]
+        eta = f"{(now - self.first[0]) / done * (self.max_steps - step):.0f} s" if done else "?"
+        val = f", val {m['val_loss']:.4f}" if "val_loss" in m else ""
+        saved = ", checkpoint" if checkpoint is not None else ""
+        print(
+            f"step {step}/{self.max_steps}: loss {m['loss']:.4f}{val}, lr {m['lr']:.2e}, "
+            f"{m['samples_per_s']:.2f} samples/s, {m['tokens_per_s']:.0f} tokens/s, ETA {eta}{saved}",
+            flush=True,
+        )
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def worker_cpus(config: TrainConfig, cluster: dict[str, float]) -> float:
+    """CPUs per worker that fit ``cluster`` (``ray.cluster_resources()``) beside each worker's data
+    reads; ConfigError naming the settings when the workers cannot all run at once."""
+    p = config.parallel
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if p.use_gpu and gpus < p.workers:
+        raise ConfigError(
+            f"parallel.workers: {p.workers} GPU workers need {p.workers} GPUs, the cluster has {gpus:g}"
+        )
+    reads = DATA_CPUS * p.workers
+    per = p.cpus_per_worker
+    if per is None:
+        per = min(1.0, math.floor((cpus - reads) / p.workers * 100) / 100)
+    if per < 0.25 or per * p.workers + reads > cpus + 1e-9:
+        raise ConfigError(
+            f"parallel: {p.workers} workers x {max(per, 0.25):g} CPU + data reads {reads:g} CPU exceed the "
+            f"cluster's {cpus:g} CPUs: lower parallel.workers or parallel.cpus_per_worker, or add CPUs"
+        )
+    return per
+
+
+def run_training(config: TrainConfig, plan: DataPlan) -> ray.train.Result:
+    p = config.parallel
+    per_worker = worker_cpus(config, ray.cluster_resources())
+    fs, path = resolve(config.storage_path)
+    tags = {
+        "astra.git_revision": git_revision(),
+        "astra.config_hash": config_hash(config),
+        "astra.encode_hash": plan.encode_hash,
+        "astra.run_name": config.run_name,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "plan": plan, "tags": tags},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.workers, use_gpu=p.use_gpu, resources_per_worker={"CPU": per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            callbacks=[Progress(config.max_steps)],
+        ),
+        datasets=rank_datasets(plan, config),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    log.info("training %s: %d workers, %d train clips, %d held out, encode hash %s, storage %s",
+             config.run_name, p.workers, plan.num_train, len(plan.val_ids), plan.encode_hash,
+             os.path.join(config.storage_path, config.run_name))  # fmt: skip
+    return trainer.fit()
