@@ -38,14 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve_paths(load_train_config(args.config, args.overrides))
         from astra.train.dataset import plan_data
+        from astra.train.parallelize import check_model
 
+        check_model(config)  # weights exist, the whitelist selects something
         plan = plan_data(config, config.parallel.workers)  # the store against the config, no worker yet
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     from astra.runtime import connect
-    from astra.train.run import run_training
+    from astra.train.run import describe, run_training
 
     ray = connect(config.ray, log_to_driver=True, dashboard=True)
     log.info("Ray (%s) ready in %.1f s", ray.address, ray.seconds)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.error is not None:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
-    print(f"trained {config.run_name}: {result.metrics}")
+    print(describe(config, result))
     return 0
 
 

@@ -23,7 +23,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from safetensors.torch import load_file, save_file
 
 from astra.config import BackboneConfig, ConfigError, ModelConfig
-from astra.model.trainable import is_trainable
+from astra.model.trainable import TRAINABLE_PATTERNS, is_trainable
 from astra.model.transformer import AstraTransformer
 
 CONFIG_NAME = "astra_config.json"
@@ -104,15 +104,23 @@ def load_wan(
 # ----------------------------------------------------------------------------- Astra checkpoints
 
 
-def adapter_state_dict(model: AstraTransformer) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if is_trainable(k)}
+def adapter_state_dict(
+    model: AstraTransformer, patterns: tuple[str, ...] = TRAINABLE_PATTERNS
+) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if is_trainable(k, patterns)}
 
 
-def save_astra(model: AstraTransformer, path: str | Path, adapter_only: bool = False) -> Path:
-    """Write an Astra checkpoint folder; ``adapter_only`` keeps just the trainable whitelist."""
+def save_astra(
+    model: AstraTransformer,
+    path: str | Path,
+    adapter_only: bool = False,
+    patterns: tuple[str, ...] = TRAINABLE_PATTERNS,
+) -> Path:
+    """Write an Astra checkpoint folder; ``adapter_only`` keeps just the trainable whitelist
+    (``patterns``, recorded in the config so loading knows which keys to expect)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model) if adapter_only else model.state_dict()
+    state = adapter_state_dict(model, patterns) if adapter_only else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     kind = "adapter" if adapter_only else "full"
     save_file(
@@ -122,6 +130,7 @@ def save_astra(model: AstraTransformer, path: str | Path, adapter_only: bool = F
         "format": "astra",
         "version": FORMAT_VERSION,
         "kind": kind,
+        "trainable": list(patterns),
         "model": model.config.model_dump(mode="json"),
     }
     (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
@@ -157,7 +166,8 @@ def load_astra(
     wan = base if isinstance(base, WanTransformer3DModel) else load_wan(base, dtype, config.backbone)
     model = AstraTransformer.from_wan(wan.to(device), config)
     adapter = _aligned(load_file(str(path / ADAPTER_WEIGHTS), device=str(device)))
-    missing = set(adapter_state_dict(model)) - set(adapter)
+    patterns = tuple(meta.get("trainable", TRAINABLE_PATTERNS))
+    missing = set(adapter_state_dict(model, patterns)) - set(adapter)
     if missing:
         raise ConfigError(f"{path}: adapter checkpoint lacks {sorted(missing)[:5]}")
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in adapter.items()}, strict=False)

@@ -20,12 +20,12 @@ TRAINABLE_PATTERNS: tuple[str, ...] = (
     r"^action_encoder\.",
     r"^clean_x_embedder\.",
 )
-_TRAINABLE = re.compile("|".join(TRAINABLE_PATTERNS))
 
 
-def is_trainable(name: str) -> bool:
-    """Whether the parameter called ``name`` (a state-dict key of AstraTransformer) is fine-tuned."""
-    return bool(_TRAINABLE.search(name))
+def is_trainable(name: str, patterns: tuple[str, ...] = TRAINABLE_PATTERNS) -> bool:
+    """Whether the parameter (or buffer) called ``name`` (a state-dict key of AstraTransformer) is
+    fine-tuned: it matches one of ``patterns`` (regexes searched in the key)."""
+    return bool(re.search("|".join(patterns), name))
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def count_params(model: nn.Module) -> ParamCounts:
     return ParamCounts(trainable, frozen)
 
 
-def mark_trainable(model: nn.Module) -> ParamCounts:
+def mark_trainable(model: nn.Module, patterns: tuple[str, ...] = TRAINABLE_PATTERNS) -> ParamCounts:
     """Set ``requires_grad`` by the whitelist and report the counts."""
     for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable(name))
+        p.requires_grad_(is_trainable(name, patterns))
     return count_params(model)

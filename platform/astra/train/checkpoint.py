@@ -22,25 +22,25 @@ from astra.model.trainable import is_trainable
 STATE = "train_state.json"
 
 
-def _trainable_state(model, optimizer) -> dict:
+def _trainable_state(model, optimizer, patterns: tuple[str, ...]) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": {k: v for k, v in model_sd.items() if is_trainable(k)}, "optim": optim_sd}
+    return {"model": {k: v for k, v in model_sd.items() if is_trainable(k, patterns)}, "optim": optim_sd}
 
 
-def save(folder: str | Path, model, optimizer, state: dict, rank: int) -> Path:
+def save(folder: str | Path, model, optimizer, state: dict, rank: int, patterns: tuple[str, ...]) -> Path:
     """This rank's shards (and, on rank 0, the train state) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dcp.save(_trainable_state(model, optimizer), checkpoint_id=str(folder))
+    dcp.save(_trainable_state(model, optimizer, patterns), checkpoint_id=str(folder))
     if rank == 0:
         (folder / STATE).write_text(json.dumps(state))
     return folder
 
 
-def load(folder: str | Path, model, optimizer) -> dict:
+def load(folder: str | Path, model, optimizer, patterns: tuple[str, ...]) -> dict:
     """Restore model trainables and optimizer from ``folder`` (all ranks); returns the train state."""
     folder = Path(folder)
-    current = _trainable_state(model, optimizer)
+    current = _trainable_state(model, optimizer, patterns)
     dcp.load(current, checkpoint_id=str(folder))
     set_state_dict(
         model,

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from astra.config import PRESETS, AstraConfig, ConfigError, FrozenModel, load_config
 from astra.data.storage import StorageConfig
+from astra.model.trainable import TRAINABLE_PATTERNS
 from astra.runtime import RayConfig, resolve_local
 
 
@@ -162,6 +163,12 @@ class InitConfig(FrozenModel):
 class TrainConfig(FrozenModel):
     astra: AstraConfig = Field(default_factory=AstraConfig, description="Model, objective and sampler.")
     init: InitConfig = Field(default_factory=InitConfig, description="Starting weights.")
+    trainable: tuple[str, ...] = Field(
+        TRAINABLE_PATTERNS,
+        description="Regexes of the parameters fine-tuned (searched in state-dict keys); the default is "
+        "Astra's whitelist: self-attention, ACT-Adapter projectors, experts, action encoder, history "
+        "embedders. Everything else stays frozen, bitwise.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Samples from the latent store.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Workers and sharding.")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from astra.model.io import save_astra
-from astra.model.trainable import count_params
+from astra.model.trainable import count_params, is_trainable
 from astra.train import checkpoint as ckpt
 from astra.train.config import TrainConfig
 from astra.train.dataset import DataPlan
@@ -97,7 +97,7 @@ class Worker:
         resumed = ray.train.get_checkpoint()
         if resumed is not None:
             with resumed.as_directory() as folder:
-                state = ckpt.load(folder, self.model, self.optimizer)
+                state = ckpt.load(folder, self.model, self.optimizer, config.trainable)
             self.step, run_id = state["step"], state.get("mlflow_run_id")
             self.position = Position(**state["positions"][self.rank])
         self.tracker = None
@@ -248,7 +248,7 @@ class Worker:
             "mlflow_run_id": self.tracker.run_id if self.tracker else None,
         }
         with tempfile.TemporaryDirectory() as folder:
-            ckpt.save(folder, self.model, self.optimizer, state, self.rank)
+            ckpt.save(folder, self.model, self.optimizer, state, self.rank, self.config.trainable)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def stream_position(self) -> dict:
@@ -267,8 +267,14 @@ class Worker:
         if self.rank != 0:
             return None
         if full_state is not None:
+            # the frozen weights must have come through training bitwise unchanged: check, and say so
+            initial = self.full.state_dict()
+            frozen = [k for k in initial if not is_trainable(k, self.config.trainable)]
+            self.frozen_unchanged = all(
+                torch.equal(initial[k], full_state[k].to(initial[k].dtype)) for k in frozen
+            )
             self.full.load_state_dict(full_state)
-        return save_astra(self.full, folder, adapter_only=True)
+        return save_astra(self.full, folder, adapter_only=True, patterns=self.config.trainable)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -304,6 +310,11 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
     exported = worker.export(scratch / "adapter")
     if worker.rank == 0:
+        unchanged = getattr(worker, "frozen_unchanged", None)
+        if unchanged is not None:
+            worker.tracker.client.set_tag(
+                worker.tracker.run_id, "astra.frozen_unchanged", str(unchanged).lower()
+            )
         worker.tracker.artifact(exported, "export")
         uri = worker.tracker.register(exported) if config.tracking.register_as else None
         if uri:

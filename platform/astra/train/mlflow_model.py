@@ -15,8 +15,8 @@ class AstraAdapter(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.adapter_path = context.artifacts["adapter"]
 
-    def predict(self, context, model_input, params=None):
-        return {"adapter_path": self.adapter_path}
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+        return [self.adapter_path for _ in model_input]
 
 
 set_model(AstraAdapter())

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from astra.config import ConfigError
 from astra.model import AstraTransformer, build_wan, load_wan, mark_trainable
 from astra.model.io import load_astra, load_wan_original, read_model_config
 from astra.train.config import TrainConfig
@@ -49,6 +50,22 @@ def meta_model(config: TrainConfig) -> AstraTransformer:
         return AstraTransformer(mcfg, build_wan(mcfg.backbone, device="meta"))
 
 
+def check_model(config: TrainConfig) -> int:
+    """Before any worker starts: the initial weights exist and the trainable patterns select something.
+    Returns the trainable parameter count (of the architecture, built on the meta device)."""
+    from pathlib import Path
+
+    if config.init.kind != "random" and "://" not in config.init.path and not Path(config.init.path).exists():
+        raise ConfigError(f"init.path: {config.init.path} does not exist (init.kind '{config.init.kind}')")
+    counts = mark_trainable(meta_model(config), config.trainable)
+    if counts.trainable == 0:
+        raise ConfigError(
+            f"trainable: the patterns {list(config.trainable)} match no parameter of the model (keys look "
+            "like 'blocks.0.attn1.to_q.weight', 'action_encoder.projectors.camera.weight')"
+        )
+    return counts.trainable
+
+
 def parallelize(model: AstraTransformer, config: TrainConfig) -> AstraTransformer:
     """Activation checkpointing, then FSDP2 per block and at the root (when a process group exists)."""
     p = config.parallel
@@ -76,10 +93,10 @@ def build(
     if full is not None and prepare is not None:
         prepare(full)
     if not distributed:
-        mark_trainable(full)
+        mark_trainable(full, config.trainable)
         return parallelize(full.to(device), config), full
     model = meta_model(config)
-    mark_trainable(model)
+    mark_trainable(model, config.trainable)
     parallelize(model, config)
     model.to_empty(device=device)
     state = full.state_dict() if full is not None else {}

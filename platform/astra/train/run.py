@@ -116,3 +116,25 @@ def run_training(config: TrainConfig, plan: DataPlan) -> ray.train.Result:
              config.run_name, p.workers, plan.num_train, len(plan.val_ids), plan.encode_hash,
              os.path.join(config.storage_path, config.run_name))  # fmt: skip
     return trainer.fit()
+
+
+def describe(config: TrainConfig, result: ray.train.Result) -> str:
+    """What the run produced, for the job's last lines."""
+    from astra.train.tracking import default_tracking_uri, find_run
+
+    m = result.metrics or {}
+    lines = [f"trained {config.run_name} to step {m.get('step', '?')}: loss {m.get('loss', float('nan')):.4f}"
+             + (f", val {m['val_loss']:.4f}" if "val_loss" in m else "")]  # fmt: skip
+    if result.checkpoint is not None:
+        lines.append(f"  last checkpoint: {result.checkpoint.path}")
+    run = find_run(config)
+    if run is not None:
+        tags = run.data.tags
+        lines.append(
+            f"  MLflow run {run.info.run_id} ({config.tracking.tracking_uri or default_tracking_uri(config)})"
+        )
+        if "astra.registered_model" in tags:
+            lines.append(f"  adapter: {tags['astra.registered_model']}")
+        if "astra.frozen_unchanged" in tags:
+            lines.append(f"  frozen weights bitwise unchanged: {tags['astra.frozen_unchanged']}")
+    return "\n".join(lines)

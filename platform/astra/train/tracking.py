@@ -102,3 +102,19 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def find_run(config: TrainConfig):
+    """The newest MLflow run of this training run's name (driver side), or None."""
+    mlflow.set_tracking_uri(config.tracking.tracking_uri or default_tracking_uri(config))
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`astra.run_name` = '{config.run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
