@@ -1,0 +1,182 @@
+"""The training job on a real local Ray cluster: FSDP2 over gloo, MLflow, resume, a killed worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from astra.config import ConfigError
+from astra.data.synthetic import write_dataset
+from astra.encode.config import load_encode_config
+from astra.encode.pipeline import run_encode
+from astra.model import build_wan
+from astra.model.io import load_astra
+from astra.rollout import RolloutSession, generate_chunk
+from astra.train.config import load_train_config, resolve_paths
+from astra.train.dataset import plan_data
+from astra.train.flops import forward_flops
+from astra.train.parallelize import check_model
+from astra.train.run import run_training
+from astra.train.tracking import find_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory, ray_local):
+    """A small synthetic store: 12 clips (camera, driving, robot) of 33 frames = 9 latents."""
+    root = tmp_path_factory.mktemp("train-data")
+    manifest = write_dataset(root / "clips", 12, "mixed", size=(64, 64), num_frames=33, fps=16.0, seed=11)
+    config = load_encode_config(None, ["preset=tiny", f"manifest={manifest}", f"store.uri={root / 'store'}"])
+    assert run_encode(config).encoded == 12
+    return root / "store"
+
+
+def _config(store: Path, storage: Path, *extra: str):
+    return resolve_paths(
+        load_train_config(
+            None,
+            [
+                "preset=tiny",
+                f"data.store.uri={store}",
+                f"storage_path={storage}",
+                f"tracking.register_as=astra-test-{uuid.uuid4().hex[:8]}",
+                "log_every=1",
+                *extra,
+            ],
+        )
+    )
+
+
+def _history(config, key: str) -> dict[int, float]:
+    run = find_run(config)
+    return {m.step: m.value for m in MlflowClient().get_metric_history(run.info.run_id, key)}
+
+
+def _train(config):
+    result = run_training(config, plan_data(config, config.parallel.workers))
+    assert result.error is None, result.error
+    return result
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_worker_fsdp_run_learns_tracks_and_exports(train_store, tmp_path):
+    config = _config(
+        train_store, tmp_path / "runs", "parallel.workers=2", "max_steps=16", "eval_every=4",
+        "sample_every=16", "checkpoint.every_steps=8", "optim.lr=3e-3",
+    )  # fmt: skip
+    result = _train(config)
+    assert result.metrics["step"] == 16
+    val = _history(config, "val_loss")
+    assert sorted(val) == [4, 8, 12, 16] and val[16] < val[4], val  # fixed sigmas and noise: it learns
+    run = find_run(config)
+    tags, params = run.data.tags, run.data.params
+    assert tags["astra.frozen_unchanged"] == "true"  # gathered back from FSDP2 shards, compared bitwise
+    assert params["optim.lr"] == "0.003" and params["parallel.workers"] == "2"
+    assert len(tags["astra.git_revision"]) in (40, 7) or tags["astra.git_revision"] == "unknown"
+    assert tags["astra.encode_hash"] and tags["astra.config_hash"]
+    client = MlflowClient()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == [
+        "samples/sample-step0000016.mp4"
+    ]
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_memory_gib"):
+        assert len(_history(config, key)) == 16, key
+
+    # the registered version serves the adapter: safetensors + config, loaded by astra.model.io
+    uri = tags["astra.registered_model"]
+    assert uri == f"models:/{config.tracking.register_as}/1"
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    adapter = next(folder.rglob("adapter.safetensors")).parent
+    assert not list(folder.rglob("*.pkl"))
+    torch.manual_seed(config.init.seed)
+    model = load_astra(adapter, base=build_wan(config.astra.model.backbone)).eval()
+    assert int(model.action_encoder.action_count.sum()) > 0  # the store's statistics came along
+    session = RolloutSession.start("s", "camera", torch.randn(4, 1, 8, 8), torch.randn(5, 384), 12, seed=0)
+    session, chunk = generate_chunk(model, session, torch.zeros(2, 12), config.astra)
+    assert chunk.shape == (4, 2, 8, 8) and torch.isfinite(chunk).all() and session.step == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resume_repeats_the_uninterrupted_run(train_store, tmp_path):
+    common = ["optim.decay=constant", "optim.warmup_steps=2", "checkpoint.every_steps=3", "eval_every=100",
+              "sample_every=100"]  # fmt: skip
+    whole = _config(train_store, tmp_path / "a", *common, "max_steps=6", "run_name=whole")
+    _train(whole)
+    first = _config(train_store, tmp_path / "b", *common, "max_steps=3", "run_name=split")
+    _train(first)
+    second = _config(train_store, tmp_path / "b", *common, "max_steps=6", "run_name=split")
+    _train(second)  # the same run name and storage: resumes at step 4
+    want, got = _history(whole, "loss"), _history(second, "loss")
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # one MLflow run, continued
+    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]  # optimizer, data, noise: all resumed
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_checkpoint(train_store, tmp_path):
+    config = _config(
+        train_store, tmp_path / "runs", "parallel.workers=2", "parallel.max_failures=1", "max_steps=6",
+        "checkpoint.every_steps=2", "fail_at_step=5", "eval_every=100", "sample_every=100",
+    )  # fmt: skip
+    result = _train(config)
+    assert result.metrics["step"] == 6
+    assert (tmp_path / "runs" / config.run_name / "fault-injected").exists()  # it did die once
+    assert sorted(_history(config, "loss")) == [1, 2, 3, 4, 5, 6]  # restarted at 4, lost nothing logged
+
+
+def _train_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "preset=tiny", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["astra.model.actions.modalities=[{name: camera, raw_dim: 12, expert: 0}]"],
+            "astra.model.actions.modalities",
+        ),
+        (["trainable=[nothing_matches_this]"], "trainable: the patterns"),
+        (["data.history.max_latents=40"], "data.history.max_latents: 40 history"),
+        (["data.target_latents=12"], "data.target_latents: a sample needs 13 latents"),
+    ],
+)
+def test_bad_config_is_named_before_any_worker_starts(train_store, tmp_path, args, message):
+    run = _train_job(f"data.store.uri={train_store}", f"storage_path={tmp_path}", *args)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert "Ray (" not in run.stdout + run.stderr  # nothing started
+
+
+def test_empty_or_missing_store_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for store in (tmp_path / "empty", tmp_path / "missing"):
+        config = _config(store, tmp_path / "runs")
+        with pytest.raises(ConfigError, match=r"data\.store\.uri: no latents"):
+            plan_data(config, 1)
+    check_model(_config(tmp_path, tmp_path / "runs"))  # the default whitelist selects parameters
+
+
+def test_flops_match_hand_arithmetic():
+    from astra.config import preset
+
+    bb = preset("tiny").model.backbone  # D = 24, F = 48, 2 layers
+    n, lc, d, f = 100, 10, 24, 48
+    self_attn = 8 * n * d * d + 4 * n * n * d
+    cross = 4 * n * d * d + 4 * lc * d * d + 4 * n * lc * d
+    per_block = self_attn + cross + 4 * n * d * f + 2 * n * d * d
+    assert forward_flops(bb, n, lc) == 2 * per_block
