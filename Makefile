@@ -30,6 +30,7 @@ lint:
 bench:
 	$(PY) bench/encode.py
 	$(PY) bench/store.py
+	$(PY) bench/train.py
 
 format:
 	$(PY) -m ruff check --fix .

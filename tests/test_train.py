@@ -180,3 +180,23 @@ def test_flops_match_hand_arithmetic():
     cross = 4 * n * d * d + 4 * lc * d * d + 4 * n * lc * d
     per_block = self_attn + cross + 4 * n * d * f + 2 * n * d * d
     assert forward_flops(bb, n, lc) == 2 * per_block
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_job_submitted_to_a_head_node(train_store, tmp_path, ray_head):
+    """`ray job submit --working-dir . -- python jobs/train.py ...` against `ray start --head --num-cpus=2`."""
+    from conftest import submit_job
+    from test_encode_cluster import _checkout_copy
+
+    copy = _checkout_copy(tmp_path / "checkout")
+    job = submit_job(
+        ray_head,
+        "python", "jobs/train.py", "preset=tiny", f"data.store.uri={train_store}", f"storage_path={tmp_path / 'runs'}",
+        "max_steps=4", "checkpoint.every_steps=2", "eval_every=4", "sample_every=4", "log_every=2",
+        working_dir=copy,
+    )  # fmt: skip
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out[-4000:]
+    assert "step 4/4: loss" in out and "trained astra-train to step 4" in out
+    assert "adapter: models:/astra-adapter/" in out and "frozen weights bitwise unchanged: true" in out

@@ -141,3 +141,18 @@ def test_loss_weights():
     assert torch.all(loss_weight(sigma, "uniform", 5.0) == 1)
     w = loss_weight(sigma, "bell", 5.0)
     assert torch.all(w >= 0) and w[50] > w[0] and w[50] > w[-1]  # mid-range timesteps count most
+
+
+def test_learned_routing_reports_expert_usage(tiny_config, tiny_wan):
+    from astra.config import derive
+    from astra.model import AstraTransformer
+
+    cfg = derive(tiny_config, ["model.actions.routing=learned"])
+    model = AstraTransformer.from_wan(tiny_wan, cfg.model)
+    target, inputs = _batch(cfg)
+    stats = training_loss(
+        model, target, inputs, cfg.diffusion, cfg.model.actions, torch.Generator().manual_seed(0)
+    )
+    usage = stats.expert_usage
+    assert usage.shape == (cfg.model.actions.num_experts,) and abs(usage.sum().item() - 1.0) < 1e-5
+    assert (usage > 0).sum() >= cfg.model.actions.top_k  # top-2 of 4 experts share every row

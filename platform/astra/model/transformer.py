@@ -161,7 +161,7 @@ class AstraTransformer(nn.Module):
         """x_t (B, C, T, h, w) noisy target latents, timestep (B,) = sigma * 1000.
 
         Returns the predicted velocity v = eps - x0 for the target, (B, C, T, h, w), and aux
-        outputs: ``router_loss`` (scalar, zero under hard routing).
+        outputs: ``router_loss`` (scalar, zero under hard routing) and ``expert_usage`` (E,).
         """
         batch, _, num_frames, height, width = x_t.shape
         _, ph, pw = self.config.backbone.patch_size
@@ -206,4 +206,5 @@ class AstraTransformer(nn.Module):
         velocity = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
         # a fresh tensor, not a view: FSDP2 hooks the root output for backward, and a view would let an
         # in-place op on it bypass that hook
-        return velocity.clone(), {"router_loss": router_loss}
+        usage = gates.detach().float().mean(dim=(0, 1))  # (E,) share of the gates per expert
+        return velocity.clone(), {"router_loss": router_loss, "expert_usage": usage}

@@ -28,7 +28,7 @@ from astra.train.config import TrainConfig
 from astra.train.dataset import DataPlan
 from astra.train.flops import peak_flops, train_step_flops
 from astra.train.objective import fixed_sigma_loss, training_loss
-from astra.train.parallelize import build
+from astra.train.parallelize import build, sharded
 from astra.train.samples import collate
 from astra.train.stream import Position, PromptCache, SampleStream, fixed_samples
 
@@ -87,6 +87,10 @@ class Worker:
                 enc.set_statistics(plan.stats)
 
         self.model, self.full = build(config, self.device, prepare)
+        # unsharded (one worker): bf16 compute through autocast, as FSDP2's policy gives it when sharded
+        dtype = getattr(torch, config.parallel.param_dtype)
+        use_autocast = not sharded(config) and dtype != torch.float32
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=use_autocast)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
         self.optimizer = torch.optim.AdamW(
@@ -129,23 +133,25 @@ class Worker:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        losses, flows, routers, tokens, samples = [], [], [], 0, 0
+        losses, flows, routers, usage, tokens, samples = [], [], [], [], 0, 0
         for micro in range(cfg.grad_accum):
             target, inputs = next(self.stream)
             seed = int(np.random.SeedSequence((cfg.seed, self.rank, self.step, micro)).generate_state(1)[0])
             g = torch.Generator().manual_seed(seed)
-            out = training_loss(
-                self.model,
-                target.to(self.device),
-                inputs.to(self.device, torch.float32),
-                cfg.astra.diffusion,
-                cfg.astra.model.actions,
-                g,
-            )
+            with self.autocast():
+                out = training_loss(
+                    self.model,
+                    target.to(self.device),
+                    inputs.to(self.device, torch.float32),
+                    cfg.astra.diffusion,
+                    cfg.astra.model.actions,
+                    g,
+                )
             (out.loss / cfg.grad_accum).backward()
             losses.append(out.loss.detach())
             flows.append(out.flow_loss)
             routers.append(out.router_loss)
+            usage.append(out.expert_usage)
             tokens += _tokens(inputs, target.shape, cfg.astra.model.backbone.patch_size) * target.shape[0]
             samples += target.shape[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.grad_clip or float("inf"))
@@ -173,6 +179,9 @@ class Worker:
         }
         if self.peak:
             metrics["mfu"] = flops / seconds / self.peak
+        if cfg.astra.model.actions.routing == "learned":
+            for e, share in enumerate(torch.stack(usage).mean(0).tolist()):
+                metrics[f"expert_usage_{e}"] = share
         return metrics
 
     # ------------------------------------------------------------------ evaluation and samples

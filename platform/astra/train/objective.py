@@ -31,6 +31,7 @@ class StepStats:
     loss: torch.Tensor  # scalar, what is back-propagated
     flow_loss: torch.Tensor  # scalar, weighted velocity MSE
     router_loss: torch.Tensor  # scalar
+    expert_usage: torch.Tensor  # (E,) mean gate per expert
     sigma: torch.Tensor  # (B,) target noise levels
     history_noised: torch.Tensor  # (B,) bool, noise-as-mask applied
     history_sigma: torch.Tensor  # (B,) corruption level (0 where not applied)
@@ -75,6 +76,7 @@ def training_loss(
         loss=loss,
         flow_loss=flow_loss.detach(),
         router_loss=router_loss.detach(),
+        expert_usage=aux["expert_usage"],
         sigma=sigma,
         history_noised=noised,
         history_sigma=history_sigma,
