@@ -75,7 +75,9 @@ def test_every_field_is_documented():
                 if isinstance(t, type) and issubclass(t, BaseModel):
                     walk(t)
 
-    for cls in (AstraConfig, EncodeConfig, TextEncoderConfig):
+    from astra.train.config import TrainConfig
+
+    for cls in (AstraConfig, EncodeConfig, TextEncoderConfig, TrainConfig):
         walk(cls)
 
 
