@@ -21,7 +21,7 @@ from astra.model.io import load_astra
 from astra.rollout import RolloutSession, generate_chunk
 from astra.train.config import load_train_config, resolve_paths
 from astra.train.dataset import plan_data
-from astra.train.flops import forward_flops
+from astra.train.flops import backward_flops, forward_flops, train_step_flops
 from astra.train.parallelize import check_model
 from astra.train.run import run_training
 from astra.train.tracking import find_run
@@ -180,6 +180,16 @@ def test_flops_match_hand_arithmetic():
     cross = 4 * n * d * d + 4 * lc * d * d + 4 * n * lc * d
     per_block = self_attn + cross + 4 * n * d * f + 2 * n * d * d
     assert forward_flops(bb, n, lc) == 2 * per_block
+    # backward with the default whitelist: self-attention and the projector train (weights + activations,
+    # attention maths twice), cross-attention's query side and the FFN pass gradients on (activations
+    # only), the text side of cross-attention needs none
+    backward = (8 * n * d * d) * 2 + (4 * n * n * d) * 2 + 4 * n * d * d + 4 * n * lc * d + 4 * n * d * f
+    backward += (2 * n * d * d) * 2
+    assert backward_flops(bb, n, lc) == 2 * backward
+    assert train_step_flops(bb, n, lc, samples=3) == 3 * 2 * (per_block + backward)
+    # everything trainable: the textbook three forwards, less the activation gradients of the text
+    every = backward_flops(bb, n, lc, (r".",))
+    assert every == 2 * (2 * per_block - 4 * lc * d * d)
 
 
 @pytest.mark.ray

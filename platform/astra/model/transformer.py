@@ -137,6 +137,8 @@ class AstraTransformer(nn.Module):
 
     def _embed_tokens(self, x_t: torch.Tensor, inputs: ChunkInputs) -> torch.Tensor:
         parts = [self.clean_x_embedder(g.latents, g.factor) for g in inputs.history]
+        # x_t in the compute dtype (FSDP2 does not cast forward inputs: see train.parallelize)
+        x_t = x_t.to(self.patch_embedding.weight.dtype)
         target = self.patch_embedding(x_t).flatten(2).transpose(1, 2)  # (B, T*h/2*w/2, D)
         tokens = torch.cat([*parts, target], dim=1).contiguous()  # (B, N, D)
         if self.training and torch.is_grad_enabled():

@@ -164,7 +164,11 @@ class Worker:
         self.step += 1
         seconds = time.perf_counter() - start
         flops = train_step_flops(
-            cfg.astra.model.backbone, tokens // max(samples, 1), cfg.astra.model.context_length, samples
+            cfg.astra.model.backbone,
+            tokens // max(samples, 1),
+            cfg.astra.model.context_length,
+            samples,
+            cfg.trainable,
         )
         metrics = {
             "loss": _mean(torch.stack(losses).mean()),

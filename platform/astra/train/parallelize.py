@@ -74,19 +74,32 @@ def sharded(config: TrainConfig) -> bool:
     )
 
 
-def parallelize(model: AstraTransformer, config: TrainConfig) -> AstraTransformer:
-    """Activation checkpointing, then FSDP2 per block and at the root (see ``sharded``)."""
+def mixed_precision(config: TrainConfig) -> MixedPrecisionPolicy:
+    """bf16 (by default) gathered parameters and compute, fp32 gradient reductions. FSDP2 does *not*
+    cast forward inputs: its cast reaches into ``ChunkInputs`` and would round the raw action rows to
+    bf16 before the model normalises them (tiny camera deltas vanish); the model casts what it feeds
+    its own layers (x_t, latents, prompt) itself."""
     p = config.parallel
-    model.gradient_checkpointing = p.activation_checkpointing
-    if not sharded(config):
-        return model
-    mp = MixedPrecisionPolicy(
-        param_dtype=getattr(torch, p.param_dtype), reduce_dtype=getattr(torch, p.reduce_dtype)
+    return MixedPrecisionPolicy(
+        param_dtype=getattr(torch, p.param_dtype),
+        reduce_dtype=getattr(torch, p.reduce_dtype),
+        cast_forward_inputs=False,
     )
+
+
+def shard(model: AstraTransformer, config: TrainConfig) -> AstraTransformer:
+    """FSDP2 ``fully_shard`` per block and at the root (needs a process group)."""
+    mp, p = mixed_precision(config), config.parallel
     for block in model.blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=p.reshard_after_forward)
     return model
+
+
+def parallelize(model: AstraTransformer, config: TrainConfig) -> AstraTransformer:
+    """Activation checkpointing, then FSDP2 per block and at the root (see ``sharded``)."""
+    model.gradient_checkpointing = config.parallel.activation_checkpointing
+    return shard(model, config) if sharded(config) else model
 
 
 def build(
