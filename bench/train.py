@@ -9,14 +9,17 @@ batch size. The loop builds batches from the store's records in-process and runs
 backward and AdamW; the job is ``run_training`` with one CPU worker (FSDP2 over one rank, MLflow,
 checkpoints at the end only). Both report the median step time after warm-up. Activation memory is the
 bytes autograd keeps for backward during one forward (``saved_tensors_hooks``), exact and
-machine-independent, with ``parallel.activation_checkpointing`` off and on.
+machine-independent, with ``parallel.activation_checkpointing`` off and on; and the peak resident
+memory a training step adds, each variant in a fresh process (so the high-water mark is its own).
 The last line is the ratio of steps per second, Ray Train / loop (goal >= 0.9).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -101,6 +104,36 @@ def saved_activation_bytes(config, batch, checkpointing: bool) -> int:
     return total
 
 
+def _peak_step_memory(config, batch, checkpointing: bool, queue) -> None:
+    """In a fresh process: resident memory before one training step and its peak during the step."""
+    model = initial_model(config).train()
+    mark_trainable(model, config.trainable)
+    model.gradient_checkpointing = checkpointing
+    target, inputs = batch
+    before = resident_mib()
+    out = training_loss(model, target, inputs, config.astra.diffusion, config.astra.model.actions,
+                        torch.Generator().manual_seed(0))  # fmt: skip
+    out.loss.backward()
+    queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # KiB -> MiB
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_step_memory(config, batch, checkpointing: bool) -> float:
+    """MiB a training step adds to the process at its peak (a fresh process per variant, so the high-water
+    mark is this step's)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_step_memory, args=(config, batch, checkpointing, queue))
+    proc.start()
+    before, peak = queue.get(timeout=600)
+    proc.join()
+    return peak - before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +172,10 @@ def main() -> None:
         ckpt = saved_activation_bytes(config, batch, checkpointing=True)
         print(f"activations kept for backward: {full / 2**20:.1f} MiB without checkpointing, "
               f"{ckpt / 2**20:.1f} MiB with ({full / max(ckpt, 1):.1f}x less)")  # fmt: skip
+        peak_full = peak_step_memory(config, batch, checkpointing=False)
+        peak_ckpt = peak_step_memory(config, batch, checkpointing=True)
+        print(f"peak memory of a training step (resident, above the process before it): {peak_full:.0f} MiB "
+              f"without checkpointing, {peak_ckpt:.0f} MiB with")  # fmt: skip
         print(f"throughput ratio ray/loop steps per second: {loop / ray_step:.2f}")
 
 

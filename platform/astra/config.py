@@ -384,11 +384,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -454,11 +454,22 @@ def build_config(
     if preset is not None:
         if preset not in presets:
             raise ConfigError(f"preset: unknown preset '{preset}'; choose one of {sorted(presets)}")
-        data = _deep_merge(presets[preset], data)
+        data = deep_merge(presets[preset], data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, model_cls)) from None
+
+
+def load_config_tree(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (ConfigError for a missing file or a non-mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping at the top level")
+    return loaded
 
 
 def load_config(
@@ -469,18 +480,10 @@ def load_config(
     presets: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
     """Load a config: preset (argument or ``preset:`` key in the file) <- YAML file <- dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping at the top level")
-        data = loaded
+    data = load_config_tree(path) if path is not None else {}
     if preset is not None:
         data = {**data, "preset": preset}
-    data = _deep_merge(data, parse_overrides(list(overrides)))
+    data = deep_merge(data, parse_overrides(list(overrides)))
     return build_config(data, model_cls, presets)
 
 
@@ -488,7 +491,7 @@ def derive(config: BaseModel, overrides: dict[str, Any] | list[str] | tuple[str,
     """``config`` with ``overrides`` (a nested dict, or dotted ``key=value`` strings) applied and the
     result validated as a whole; raises ConfigError naming the field, like ``load_config``."""
     tree = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else overrides
-    return build_config(_deep_merge(config.model_dump(), tree), type(config), presets={})
+    return build_config(deep_merge(config.model_dump(), tree), type(config), presets={})
 
 
 def preset(name: str, **overrides: Any) -> AstraConfig:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from astra.config import PRESETS, AstraConfig, ConfigError, FrozenModel, load_config
-from astra.data.storage import StorageConfig
+from astra.data.storage import StorageConfig, resolve
 from astra.model.trainable import TRAINABLE_PATTERNS
 from astra.runtime import RayConfig, resolve_local
 
@@ -133,7 +133,8 @@ class TrackingConfig(FrozenModel):
 
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI; None: sqlite:///<storage_path>/mlflow.db (local, `mlflow ui`).",
+        description="MLflow tracking URI; None: sqlite:///<storage_path>/<run_name>/mlflow.db (local, "
+        "`mlflow ui`).",
     )
     experiment: str = Field("astra", description="MLflow experiment name.")
     register_as: str | None = Field(
@@ -179,6 +180,11 @@ class TrainConfig(FrozenModel):
     storage_path: str = Field(
         "runs/train", description="Where runs live (checkpoints, MLflow default store): local path or s3://."
     )
+    storage_s3_endpoint: str | None = Field(
+        None,
+        description="S3-compatible endpoint of an s3:// storage_path, e.g. http://host:9000 (None: AWS, or "
+        "$AWS_ENDPOINT_URL); credentials from the usual AWS_* variables on every node.",
+    )
     max_steps: int = Field(1000, ge=1, description="Optimiser steps of the run.")
     batch_size: int = Field(1, ge=1, description="Samples per worker per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
@@ -194,6 +200,10 @@ class TrainConfig(FrozenModel):
     @property
     def target_latents(self) -> int:
         return self.data.target_latents or self.astra.model.framepack.target_frames
+
+    def storage(self):
+        """(pyarrow filesystem, path) of ``storage_path``."""
+        return resolve(self.storage_path, self.storage_s3_endpoint)
 
     @property
     def max_history(self) -> int:

@@ -104,6 +104,8 @@ class Worker:
                 state = ckpt.load(folder, self.model, self.optimizer, config.trainable)
             self.step, run_id = state["step"], state.get("mlflow_run_id")
             self.position = Position(**state["positions"][self.rank])
+            if self.rank == 0:
+                print(f"resumed from the checkpoint at step {self.step} ({resumed.path})", flush=True)
         self.tracker = None
         if self.rank == 0:
             from astra.train.tracking import Tracker
@@ -343,9 +345,9 @@ def _maybe_fail(config: TrainConfig, worker: Worker) -> None:
         or worker.rank != worker.world - 1
     ):
         return
-    from astra.data.storage import resolve, write_atomic
+    from astra.data.storage import write_atomic
 
-    fs, root = resolve(config.storage_path)
+    fs, root = config.storage()
     marker = f"{root}/{config.run_name}/fault-injected"
     if fs.get_file_info(marker).type.name != "NotFound":
         return

@@ -21,7 +21,6 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from astra.config import ConfigError
-from astra.data.storage import resolve
 from astra.train.config import TrainConfig
 from astra.train.dataset import DATA_CPUS, DataPlan, rank_datasets
 from astra.train.loop import train_loop
@@ -88,7 +87,7 @@ def worker_cpus(config: TrainConfig, cluster: dict[str, float]) -> float:
 def run_training(config: TrainConfig, plan: DataPlan) -> ray.train.Result:
     p = config.parallel
     per_worker = worker_cpus(config, ray.cluster_resources())
-    fs, path = resolve(config.storage_path)
+    fs, path = config.storage()
     tags = {
         "astra.git_revision": git_revision(),
         "astra.config_hash": config_hash(config),
@@ -115,7 +114,34 @@ def run_training(config: TrainConfig, plan: DataPlan) -> ray.train.Result:
     log.info("training %s: %d workers, %d train clips, %d held out, encode hash %s, storage %s",
              config.run_name, p.workers, plan.num_train, len(plan.val_ids), plan.encode_hash,
              os.path.join(config.storage_path, config.run_name))  # fmt: skip
-    return trainer.fit()
+    result = trainer.fit()
+    prune_unregistered(config, result)
+    return result
+
+
+def prune_unregistered(config: TrainConfig, result: ray.train.Result) -> list[str]:
+    """Delete checkpoint folders Ray Train never registered: a worker that dies right after uploading
+    its part leaves a folder the restarted run does not use (it resumes from the last *registered*
+    checkpoint) and ``keep_last`` never counts. Returns the deleted paths."""
+    if result.error is not None:
+        return []  # the run may be re-run: leave everything as it is
+    import pyarrow.fs as pafs
+
+    fs, root = config.storage()
+    kept = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints}
+    run_dir = f"{root}/{config.run_name}"
+    stale = [
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+        if info.type == pafs.FileType.Directory
+        and info.base_name.startswith("checkpoint_")
+        and info.path.rstrip("/") not in kept
+    ]
+    for path in stale:
+        fs.delete_dir(path)
+    if stale:
+        log.info("deleted %d checkpoint folder(s) Ray Train never registered", len(stale))
+    return stale
 
 
 def describe(config: TrainConfig, result: ray.train.Result) -> str:
