@@ -14,6 +14,7 @@ or not, so a consumer always knows when a clip is complete.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -197,14 +198,17 @@ def check_even(height: int, width: int) -> None:
         raise ValueError(f"size: H.264 yuv420p needs an even height and width, got {height}x{width}")
 
 
-def encode_mp4(frames: np.ndarray, path: Path, fps: float, crf: int = 18) -> None:
-    """Write (N, H, W, 3) uint8 RGB frames as H.264 yuv420p at ``fps``."""
+def encode_mp4(frames: np.ndarray, path: Path | io.BytesIO, fps: float, crf: int = 18) -> None:
+    """Write (N, H, W, 3) uint8 RGB frames as H.264 yuv420p at ``fps`` to a path or a binary file object
+    (a file gets its ``moov`` first, so a browser plays it before it has all of it)."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames: expected (N, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     check_even(frames.shape[1], frames.shape[2])
     rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 2997/100 exactly, 16.0 -> 16
-    with av.open(str(path), "w") as container:
+    in_memory = hasattr(path, "write")  # faststart re-reads the file: paths only
+    options = {} if in_memory else {"movflags": "faststart"}
+    with av.open(path if in_memory else str(path), "w", format="mp4", options=options) as container:
         stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": "medium"})
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for img in frames:
