@@ -1,0 +1,74 @@
+"""The Ray Serve application: an HTTP ingress in front of autoscaled chunk-generation replicas.
+
+    serve run serving.app:app                                   # tiny defaults, a local Ray
+    serve run serving.app:build model.uri=runs/train/export height=64 width=64
+    serve run serving.app:build config=serve.yaml               # a ServeConfig YAML (presets too)
+    serve deploy infra/serve_config.yaml                         # a Serve config file on a cluster
+
+Every setting is a field of ``astra/rollout/config.py`` (``ServeConfig``). Then open http://127.0.0.1:8000/
+for the web player, http://127.0.0.1:8000/docs for the API.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+# the library of this checkout (as the jobs do), also inside a `--working-dir` upload
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from astra.config import derive
+from astra.rollout.config import ServeConfig, serve_config_from_args
+from astra.runtime import resolve_local
+from serving.generator import ChunkGenerator
+from serving.ingress import Ingress
+
+#: Serve's consistent-hash router (keyed on the session id): a session stays on one replica
+ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+
+
+def absolute_paths(config: ServeConfig) -> ServeConfig:
+    """Local paths made absolute here, before replicas start elsewhere (s3:// and models:/ unchanged)."""
+    m = config.model
+    changes: dict[str, Any] = {
+        "sessions": {"uri": resolve_local("sessions.uri", config.sessions.uri)},
+        "model": {"cache_dir": resolve_local("model.cache_dir", m.cache_dir)},
+    }
+    for name in ("uri", "base"):
+        value = getattr(m, name)
+        if value is not None and not value.startswith("models:/"):
+            changes["model"][name] = resolve_local(f"model.{name}", value)
+    return derive(config, changes)
+
+
+def build(args: dict[str, Any]) -> Application:
+    """The application for a config given as Serve ``args`` (see ``serve_config_from_args``)."""
+    config = absolute_paths(serve_config_from_args(args))
+    r, data = config.replicas, config.model_dump(mode="json")
+    generator = ChunkGenerator.options(
+        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        autoscaling_config={
+            "min_replicas": r.min_replicas,
+            "max_replicas": r.max_replicas,
+            "initial_replicas": r.initial_replicas if r.initial_replicas is not None else r.min_replicas,
+            "target_ongoing_requests": r.target_ongoing_requests,
+        },
+        max_ongoing_requests=r.max_ongoing_requests,
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER, request_router_kwargs={"num_fallback_replicas": 0}
+        ),
+    ).bind(data)
+    ingress = Ingress.options(num_replicas=r.ingress_replicas, ray_actor_options={"num_cpus": 0.1})
+    return ingress.bind(generator, data)
+
+
+def __getattr__(name: str) -> Application:
+    """``serving.app:app``: the tiny defaults, built when Serve asks for it (not at import, so importing
+    this module for ``build`` never resolves paths it does not use)."""
+    if name == "app":
+        return build({})
+    raise AttributeError(name)
