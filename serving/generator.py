@@ -85,6 +85,9 @@ class ChunkGenerator:
 
         return await self._run(run)
 
+    async def ready(self) -> bool:
+        return True
+
     async def info(self, session_id: str) -> dict:
         return await self._run(lambda: self.service.describe(session_id))
 
@@ -100,7 +103,8 @@ class ChunkGenerator:
 
     async def step(self, session_id: str, request: dict) -> AsyncIterator[dict]:
         """Events of one step: ``accepted`` (the request is valid and the session reserved), one
-        ``frames`` per decoded latent (its 4 frames as JPEG), then ``done`` with the new version."""
+        ``frames`` per decoded latent (its 4 frames as JPEG), then ``done`` with the new version; ``t``
+        is the server's clock when an event left."""
         live = await self._run(lambda: self.service.checkout(session_id, request.get("expected_step")))
         try:
             rows, keys, drive = request.get("rows"), request.get("keys"), request.get("drive")
@@ -114,11 +118,22 @@ class ChunkGenerator:
                 stream = self.service.stream(live, added)
                 index = 0
                 while (frames := await asyncio.to_thread(next, stream, None)) is not None:
-                    yield {"event": "frames", "latent": index, "frames": self._frames(frames)}
+                    yield {
+                        "event": "frames",
+                        "latent": index,
+                        "frames": self._frames(frames),
+                        "t": time.time(),
+                    }
                     index += 1
                 info = self.service.describe_live(live)
                 total = time.perf_counter() - start
-                yield {"event": "done", "session": info, "denoise_s": denoised, "total_s": total}
+                yield {
+                    "event": "done",
+                    "session": info,
+                    "denoise_s": denoised,
+                    "total_s": total,
+                    "t": time.time(),
+                }
             except ApiError as err:  # after "accepted" the response has begun: an error event
                 yield {"event": "error", "status": err.status, "error": err.message}
         finally:

@@ -1,4 +1,5 @@
-"""The HTTP ingress: FastAPI on Ray Serve, separate from the chunk-generation deployment.
+"""The HTTP ingress: FastAPI on Ray Serve, separate from the chunk-generation deployment (no
+``from __future__ import annotations`` here: FastAPI must see real types through Serve's wrapper).
 
 It checks everything it can without the model — the bearer token, body size, JSON shape, image and
 clip bytes (decoded here, on the ingress's CPUs), prompt length — and answers a 4xx whose message
@@ -13,8 +14,6 @@ still being decoded. Chosen over WebSockets because it is plain HTTP through Ser
 player reads the stream with ``fetch``), and over fragmented MP4 because frames are shown as they
 come without a media pipeline in the page.
 """
-
-from __future__ import annotations
 
 import base64
 import binascii
@@ -78,6 +77,22 @@ async def _invalid(request: Request, err: RequestValidationError):
         loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "path", "query")]
         problems.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
     return JSONResponse({"error": "; ".join(problems)}, status_code=422)
+
+
+def _event(event: dict) -> str:
+    data = dict(event)
+    if "frames" in data:
+        data["frames"] = [base64.b64encode(f).decode() for f in data["frames"]]
+    return f"event: {data.pop('event')}\ndata: {json.dumps(data)}\n\n"
+
+
+def _b64(value: str | None, field: str) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{field}: not valid base64") from None
 
 
 class Guard:
@@ -145,16 +160,19 @@ class Ingress:
                 raise
             raise api_err from None
 
-    def _start_frames(self, body: CreateSession | None, image: bytes | None, clip: bytes | None):
+    def _start_frames(self, image: bytes | None, clip: bytes | None, fields: tuple[str, str]):
+        """Start frames (N, H, W, 3) from the image or clip bytes; ``fields`` names them in errors."""
         cfg, lim = self.config, self.config.limits
         if image is not None and clip is not None:
-            raise ApiError(422, "image: give a start image or a start clip, not both")
+            raise ApiError(422, f"{fields[0]}: give a start image or a start clip ({fields[1]}), not both")
         try:
             if clip is not None:
-                return decode_start_clip(clip, (cfg.height, cfg.width), cfg.fps, lim.max_clip_frames)
+                return decode_start_clip(
+                    clip, (cfg.height, cfg.width), cfg.fps, lim.max_clip_frames, fields[1]
+                )
             if image is None:
-                raise ApiError(422, "image_base64: a start image (or clip_base64) is required")
-            return decode_image(image, (cfg.height, cfg.width), lim.max_image_pixels)[None]
+                raise ApiError(422, f"{fields[0]}: a start image (or {fields[1]}) is required")
+            return decode_image(image, (cfg.height, cfg.width), lim.max_image_pixels, fields[0])[None]
         except MediaError as err:
             raise ApiError(422, str(err)) from None
 
@@ -213,7 +231,7 @@ class Ingress:
     async def create(self, body: CreateSession, request: Request):
         image = _b64(body.image_base64, "image_base64")
         clip = _b64(body.clip_base64, "clip_base64")
-        start = self._start_frames(body, image, clip)
+        start = self._start_frames(image, clip, ("image_base64", "clip_base64"))
         return await self._create(
             body.prompt, body.modality, body.seed, start, body.sampler.model_dump(exclude_none=True)
         )
@@ -231,7 +249,7 @@ class Ingress:
         """The same as ``POST /v1/sessions`` with a multipart upload of the start image or clip."""
         image_bytes = await image.read() if image is not None else None
         clip_bytes = await clip.read() if clip is not None else None
-        start = self._start_frames(None, image_bytes, clip_bytes)
+        start = self._start_frames(image_bytes, clip_bytes, ("image", "clip"))
         return await self._create(prompt, modality, seed, start, {})
 
     @api.get("/v1/sessions/{session_id}", response_model=SessionInfo)
@@ -294,19 +312,3 @@ class Ingress:
                 yield _event(event)
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-store"})
-
-
-def _event(event: dict) -> str:
-    data = dict(event)
-    if "frames" in data:
-        data["frames"] = [base64.b64encode(f).decode() for f in data["frames"]]
-    return f"event: {data.pop('event')}\ndata: {json.dumps(data)}\n\n"
-
-
-def _b64(value: str | None, field: str) -> bytes | None:
-    if value is None:
-        return None
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, f"{field}: not valid base64") from None
