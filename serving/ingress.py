@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from astra.rollout.config import ServeConfig
 from astra.rollout.media import MediaError, decode_image, decode_start_clip
@@ -67,6 +68,12 @@ def _unwrap(err: BaseException) -> ApiError | None:
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, err: ApiError):
     return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException):
+    """Starlette's own errors (no such route, wrong method) as JSON naming the path."""
+    return JSONResponse({"error": f"path: {request.url.path} {err.detail}"}, status_code=err.status_code)
 
 
 @api.exception_handler(RequestValidationError)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 import threading
 import time
 from pathlib import Path
@@ -91,7 +90,12 @@ def png(size=(64, 64), seed=0) -> str:
 
 
 def create(served, seed=0, **extra) -> dict:
-    body = {"prompt": "a green field", "modality": "camera", "seed": seed, "image_base64": png(seed=seed)} | extra
+    body = {
+        "prompt": "a green field",
+        "modality": "camera",
+        "seed": seed,
+        "image_base64": png(seed=seed),
+    } | extra
     r = httpx.post(f"{served.url}/v1/sessions", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 201, r.text
     return r.json()
@@ -100,7 +104,9 @@ def create(served, seed=0, **extra) -> dict:
 def sse_step(served, sid: str, body: dict) -> list[tuple[float, str, dict]]:
     """POST a step and read its server-sent events as they arrive: [(arrival time, event, data)]."""
     events, name = [], None
-    with httpx.stream("POST", f"{served.url}/v1/sessions/{sid}/step", json=body, headers=AUTH, timeout=120) as r:
+    with httpx.stream(
+        "POST", f"{served.url}/v1/sessions/{sid}/step", json=body, headers=AUTH, timeout=120
+    ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("event: "):
@@ -151,3 +157,106 @@ def test_create_step_stream_video_and_fork(served):
     other = create(served)  # the same seed and image, other actions: another rollout
     sse_step(served, other["session_id"], {"keys": [{"keys": ["S"], "frames": 2}]})
     assert not torch.equal(chunk_latents(served, other["session_id"], 1), chunk_latents(served, sid, 1))
+
+
+def test_bad_requests_get_a_4xx_naming_the_field(served):
+    from astra.rollout.store import SessionStore
+
+    sid = create(served)["session_id"]
+    expired = create(served)["session_id"]
+    SessionStore(str(served.sessions)).touch(expired, ttl_s=-1)
+    url, step = served.url, f"/v1/sessions/{sid}/step"
+    big = Image.new("RGB", (300, 300))  # 90,000 pixels > limits.max_image_pixels (40,000)
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    body = {"prompt": "p", "image_base64": png()}
+    cases = [
+        ("wrong action dims", "POST", step, {"json": {"rows": [[0.0] * 5] * 2}}, 422, "actions: expected shape (2, 12)"),
+        ("NaN action", "POST", step, {"content": '{"rows": [[NaN, 0,0,0,0,0,0,0,0,0,0,0], [0,0,0,0,0,0,0,0,0,0,0,0]]}',
+                                      "headers": {"content-type": "application/json"}}, 422, "actions: contains NaN"),
+        ("two kinds of actions", "POST", step, {"json": {"rows": [[0.0] * 12] * 2, "keys": []}}, 422, "rows: give exactly one"),
+        ("too many commands", "POST", step, {"json": {"keys": [{"keys": ["W"]}] * 65}}, 422, "keys: more than limits.max_commands"),
+        ("commands too short", "POST", step, {"json": {"keys": [{"keys": ["W"], "frames": 1}]}}, 422, "commands: the commands last 1"),
+        ("unknown key", "POST", step, {"json": {"keys": [{"keys": ["Z"], "frames": 2}]}}, 422, "keys.0.keys.0"),
+        ("drive on camera", "POST", step, {"json": {"drive": [{"throttle": 3, "frames": 2}]}}, 422, "drive: driving commands need"),
+        ("stale expected_step", "POST", step, {"json": {"rows": [[0.0] * 12] * 2, "expected_step": 5}}, 409, "expected_step: the session is at step 0"),
+        ("unknown modality", "POST", "/v1/sessions", {"json": body | {"modality": "submarine"}}, 422, "modality: unknown 'submarine'"),
+        ("no image", "POST", "/v1/sessions", {"json": {"prompt": "p"}}, 422, "image_base64: a start image"),
+        ("empty image", "POST", "/v1/sessions", {"json": {"prompt": "p", "image_base64": ""}}, 422, "image_base64: empty"),
+        ("not base64", "POST", "/v1/sessions", {"json": {"prompt": "p", "image_base64": "%%%"}}, 422, "image_base64: not valid base64"),
+        ("non-image bytes", "POST", "/v1/sessions", {"json": {"prompt": "p", "image_base64": base64.b64encode(b"hello").decode()}},
+         422, "image_base64: not a readable PNG or JPEG"),
+        ("huge image", "POST", "/v1/sessions", {"json": {"prompt": "p", "image_base64": base64.b64encode(buf.getvalue()).decode()}},
+         422, "image_base64: 300x300 pixels exceed limits.max_image_pixels"),
+        ("bad clip", "POST", "/v1/sessions", {"json": {"prompt": "p", "clip_base64": base64.b64encode(b"\0" * 99).decode()}},
+         422, "clip_base64: not a readable video"),
+        ("long prompt", "POST", "/v1/sessions", {"json": body | {"prompt": "x" * 2001}}, 422, "prompt: longer than limits.max_prompt_chars"),
+        ("sampler out of range", "POST", "/v1/sessions", {"json": body | {"sampler": {"num_steps": 500}}}, 422, "sampler.num_steps: must be within"),
+        ("unknown field", "POST", "/v1/sessions", {"json": body | {"colour": 1}}, 422, "colour: Extra inputs are not permitted"),
+        ("malformed JSON", "POST", "/v1/sessions", {"content": "{not json", "headers": {"content-type": "application/json"}}, 422, "JSON decode error"),
+        ("oversized body", "POST", "/v1/sessions", {"json": {"prompt": "p", "image_base64": "A" * 300_000}}, 413, "body: larger than limits.max_body_bytes"),
+        ("unknown session", "GET", "/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA", {}, 404, "session_id: no session"),
+        ("malformed session id", "GET", "/v1/sessions/abc", {}, 404, "session_id: no session"),
+        ("a path that is no route", "GET", "/v1/sessions/..%2F..%2Fetc", {}, 404, "path: /v1/"),
+        ("expired session", "POST", f"/v1/sessions/{expired}/step", {"json": {"rows": [[0.0] * 12] * 2}}, 410, "session_id: session"),
+        ("fork past the end", "POST", f"/v1/sessions/{sid}/fork", {"json": {"step": 9}}, 422, "step: session"),
+        ("missing token", "GET", f"/v1/sessions/{sid}", {"headers": {}}, 401, "authorization: missing or wrong bearer token"),
+        ("wrong token", "GET", f"/v1/sessions/{sid}", {"headers": {"authorization": "Bearer nope"}}, 401, "authorization:"),
+    ]  # fmt: skip
+    wrong = []
+    for name, method, path, kwargs, status, message in cases:
+        headers = kwargs.pop("headers", {}) | ({} if name.endswith("token") else AUTH)
+        r = httpx.request(method, url + path, headers=headers, timeout=60, **kwargs)
+        error = (
+            r.json().get("error", "")
+            if r.headers.get("content-type", "").startswith("application/json")
+            else r.text
+        )
+        if r.status_code != status or message not in error:
+            wrong.append((name, r.status_code, error[:200]))
+    assert not wrong, wrong
+    assert httpx.get(f"{url}/v1/sessions/{sid}", headers=AUTH).json()["step"] == 0  # nothing was lost
+
+
+def test_concurrent_steps_of_one_session_one_wins_the_other_409(served):
+    sid = create(served, sampler={"num_steps": 40})["session_id"]  # slow enough to overlap
+    results = []
+
+    def step():
+        r = httpx.post(f"{served.url}/v1/sessions/{sid}/step", headers=AUTH, timeout=120,
+                       json={"rows": [[0.0] * 12] * 2, "stream": False})  # fmt: skip
+        results.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=step) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(code for code, _ in results) == [200, 409], results
+    assert "session_id: a step of session" in next(body["error"] for code, body in results if code == 409)
+    assert httpx.get(f"{served.url}/v1/sessions/{sid}", headers=AUTH).json()["step"] == 1  # one history
+
+
+def test_openapi_fuzz_finds_no_server_error(served):
+    """Schemathesis draws requests from the app's own OpenAPI spec: none may get a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json")
+    failures: list[tuple] = []
+
+    def fuzz(operation):
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call(base_url=served.url, headers=AUTH, timeout=60)
+            if response.status_code >= 500:
+                failures.append((operation.label, response.status_code, response.text[:200]))
+
+        return check
+
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 9  # every route of the API, not just a few
+    for operation in operations:
+        fuzz(operation)()
+    assert not failures, failures[:5]
