@@ -103,7 +103,8 @@ class ChunkGenerator:
 
     async def step(self, session_id: str, request: dict) -> AsyncIterator[dict]:
         """Events of one step: ``accepted`` (the request is valid and the session reserved), one
-        ``frames`` per decoded latent (its 4 frames as JPEG), then ``done`` with the new version; ``t``
+        ``frames`` per decoded latent (its 4 frames as JPEG), then ``done`` with the new version and the
+        size of the batch it was denoised in; ``t``
         is the server's clock when an event left."""
         live = await self._run(lambda: self.service.checkout(session_id, request.get("expected_step")))
         try:
@@ -112,7 +113,7 @@ class ChunkGenerator:
             yield {"event": "accepted", "step": live.session.step + 1}
             try:
                 start = time.perf_counter()
-                after = await self._denoise((live, actions))
+                after, batch = await self._denoise((live, actions))
                 added = await self._run(lambda: self.service.commit(live, after))
                 denoised = time.perf_counter() - start
                 stream = self.service.stream(live, added)
@@ -130,6 +131,7 @@ class ChunkGenerator:
                 yield {
                     "event": "done",
                     "session": info,
+                    "batch": batch,
                     "denoise_s": denoised,
                     "total_s": total,
                     "t": time.time(),
@@ -140,8 +142,10 @@ class ChunkGenerator:
             self.service.release(session_id)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def _denoise(self, items: list[tuple]) -> list:
-        return await asyncio.to_thread(self.service.generate, items)
+    async def _denoise(self, items: list[tuple]) -> list[tuple]:
+        """(the next version, how many steps shared the batch) for every (live session, actions)."""
+        sessions = await asyncio.to_thread(self.service.generate, items)
+        return [(s, len(items)) for s in sessions]
 
     def check_health(self) -> None:
         if self.service.model is None:  # pragma: no cover - the constructor would have failed

@@ -15,6 +15,7 @@ player reads the stream with ``fetch``), and over fragmented MP4 because frames 
 come without a media pipeline in the page.
 """
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,6 +49,7 @@ from serving.schemas import (
 )
 
 PLAYER = Path(__file__).with_name("player")
+REPLACEMENT_WAIT_S = 120.0  # how long a request waits for Serve to replace a dead replica
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")  # token_urlsafe(16)
 
 api = FastAPI(
@@ -158,14 +162,25 @@ class Ingress:
             raise ApiError(404, f"session_id: no session {session_id[:40]!r}")
         return self.generator.options(session_id=session_id)
 
-    async def _call(self, handle_method, *args):
-        try:
-            return await handle_method.remote(*args)
-        except Exception as err:
-            api_err = _unwrap(err)
-            if api_err is None:
-                raise
-            raise api_err from None
+    async def _call(self, session_id: str, method: str, *args, stream: bool = False):
+        """``handle.options(session_id=...).<method>.remote(*args)`` (for a stream: its first event),
+        retried while the session's replica is being replaced: a replica that died before answering
+        did nothing visible (a step commits only after its first event)."""
+        deadline = time.monotonic() + REPLACEMENT_WAIT_S
+        while True:
+            handle = self._session(session_id)
+            try:
+                if stream:
+                    events = getattr(handle.options(stream=True), method).remote(*args)
+                    return events, await events.__anext__()
+                return await getattr(handle, method).remote(*args)
+            except Exception as err:
+                api_err = _unwrap(err)
+                if api_err is not None:
+                    raise api_err from None
+                if not isinstance(err, RayActorError) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     def _start_frames(self, image: bytes | None, clip: bytes | None, fields: tuple[str, str]):
         """Start frames (N, H, W, 3) from the image or clip bytes; ``fields`` names them in errors."""
@@ -189,9 +204,7 @@ class Ingress:
                 422, f"prompt: longer than limits.max_prompt_chars ({self.config.limits.max_prompt_chars})"
             )
         session_id = secrets.token_urlsafe(16)
-        info = await self._call(
-            self._session(session_id).create, session_id, prompt, modality, seed, start, sampler
-        )
+        info = await self._call(session_id, "create", session_id, prompt, modality, seed, start, sampler)
         info["start_frames"] = [base64.b64encode(f).decode() for f in info["start_frames"]]
         return info
 
@@ -261,22 +274,22 @@ class Ingress:
 
     @api.get("/v1/sessions/{session_id}", response_model=SessionInfo)
     async def get(self, session_id: str, request: Request):
-        return await self._call(self._session(session_id).info, session_id)
+        return await self._call(session_id, "info", session_id)
 
     @api.delete("/v1/sessions/{session_id}", status_code=204)
     async def delete(self, session_id: str, request: Request):
-        await self._call(self._session(session_id).delete, session_id)
+        await self._call(session_id, "delete", session_id)
         return Response(status_code=204)
 
     @api.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201)
     async def fork(self, session_id: str, request: Request, body: ForkRequest | None = None):
         new_id = secrets.token_urlsafe(16)
         step = body.step if body is not None else None
-        return await self._call(self._session(session_id).fork, session_id, step, new_id)
+        return await self._call(session_id, "fork", session_id, step, new_id)
 
     @api.get("/v1/sessions/{session_id}/video", response_class=Response)
     async def video(self, session_id: str, request: Request):
-        data = await self._call(self._session(session_id).video, session_id)
+        data = await self._call(session_id, "video", session_id)
         return Response(
             data, media_type="video/mp4", headers={"content-disposition": "inline; filename=rollout.mp4"}
         )
@@ -294,14 +307,7 @@ class Ingress:
         payload = body.model_dump(exclude={"stream"})
         payload["keys"] = body.keys
         payload["drive"] = body.drive
-        events = self._session(session_id).options(stream=True).step.remote(session_id, payload)
-        try:
-            first = await events.__anext__()  # errors before "accepted" are plain 4xx responses
-        except Exception as err:
-            api_err = _unwrap(err)
-            if api_err is None:
-                raise
-            raise api_err from None
+        events, first = await self._call(session_id, "step", session_id, payload, stream=True)
 
         if not body.stream:
             frames, last = [], first
