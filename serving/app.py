@@ -48,7 +48,10 @@ def absolute_paths(config: ServeConfig) -> ServeConfig:
 def build(args: dict[str, Any]) -> Application:
     """The application for a config given as Serve ``args`` (see ``serve_config_from_args``)."""
     config = absolute_paths(serve_config_from_args(args))
-    r, data = config.replicas, config.model_dump(mode="json")
+    # replicas.* go to Serve (autoscaling, resources) and to user_config (batching), not into the
+    # constructors: on a declarative deploy (`serve deploy`) changing them is a lightweight update
+    # that keeps the replicas, and their sessions' caches
+    r, data = config.replicas, config.model_dump(mode="json", exclude={"replicas"})
     generator = ChunkGenerator.options(
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
         autoscaling_config={
@@ -56,8 +59,13 @@ def build(args: dict[str, Any]) -> Application:
             "max_replicas": r.max_replicas,
             "initial_replicas": r.initial_replicas if r.initial_replicas is not None else r.min_replicas,
             "target_ongoing_requests": r.target_ongoing_requests,
+            "upscale_delay_s": r.upscale_delay_s,
+            "downscale_delay_s": r.downscale_delay_s,
+            "look_back_period_s": r.look_back_period_s,
+            "metrics_interval_s": min(10.0, r.look_back_period_s / 4),
         },
         max_ongoing_requests=r.max_ongoing_requests,
+        user_config={"max_batch_size": r.max_batch_size, "batch_wait_timeout_s": r.batch_wait_timeout_s},
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER, request_router_kwargs={"num_fallback_replicas": 0}
         ),

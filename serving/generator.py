@@ -53,10 +53,14 @@ class ChunkGenerator:
     def __init__(self, config: dict):
         self.config = ServeConfig.model_validate(config)
         self.service = RolloutService(self.config)
-        self._denoise.set_max_batch_size(self.config.replicas.max_batch_size)
-        self._denoise.set_batch_wait_timeout_s(self.config.replicas.batch_wait_timeout_s)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self._stop = threading.Event()
         threading.Thread(target=self._sweep, daemon=True).start()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batching settings (Serve's ``user_config``: changed without restarting the replica)."""
+        self._denoise.set_max_batch_size(int(user_config["max_batch_size"]))
+        self._denoise.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     def _sweep(self) -> None:
         """Delete expired sessions now and then (any replica may; deleting twice is harmless)."""
@@ -132,6 +136,7 @@ class ChunkGenerator:
                     "event": "done",
                     "session": info,
                     "batch": batch,
+                    "replica": self.replica,
                     "denoise_s": denoised,
                     "total_s": total,
                     "t": time.time(),

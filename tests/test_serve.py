@@ -61,8 +61,13 @@ def served(ray_local, checkpoint, tmp_path_factory):
         "auth_token": TOKEN,
         "limits.max_body_bytes": 256 * 1024,
         "limits.max_image_pixels": 200 * 200,
+        # autoscaling between 1 and 2 replicas, quickly (the scale test drives it; other tests' load may)
         "replicas.min_replicas": 1,
-        "replicas.max_replicas": 1,
+        "replicas.max_replicas": 2,
+        "replicas.target_ongoing_requests": 1,
+        "replicas.upscale_delay_s": 1,
+        "replicas.downscale_delay_s": 4,
+        "replicas.look_back_period_s": 2,
         "replicas.num_cpus": 0.5,
         "replicas.batch_wait_timeout_s": 0.1,
     }
@@ -277,10 +282,11 @@ def test_a_killed_replica_loses_nothing_and_the_session_continues_bitwise(served
     want = [sse_step(served, reference, k) for k in keys]
     sid = create(served, seed=3)["session_id"]
     got = [sse_step(served, sid, keys[0])]
-    (replica,) = _replicas()
-    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
-    got += [sse_step(served, sid, k) for k in keys[1:]]  # waits for the replacement, then continues
-    assert _replicas() != [replica]  # a new replica served it
+    replica = got[0][-1][2]["replica"]
+    (name,) = [n for n in _replicas() if n.endswith(replica)]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    got += [sse_step(served, sid, k) for k in keys[1:]]  # waits for a replica, then continues
+    assert all(g[-1][2]["replica"] != replica for g in got[1:])  # another replica served it
     for step in (1, 2, 3):
         assert torch.equal(chunk_latents(served, sid, step), chunk_latents(served, reference, step))
     for w, g in zip(want, got, strict=True):  # the decoder cache, rebuilt on the new replica, is exact too
@@ -319,3 +325,59 @@ def test_eight_concurrent_sessions_batch_and_match_one_at_a_time(served):
             # equal up to float reassociation: batched matrix kernels block by shape (see service.py)
             torch.testing.assert_close(chunk_latents(served, sid, step), chunk_latents(served, alone, step),
                                        atol=1e-3, rtol=0)  # fmt: skip
+
+
+def _wait_for_replicas(count: int, timeout: float = 180) -> None:
+    """Until exactly ``count`` generator replicas are running (and no other states), plus a moment for
+    the routers' rings to hear of them."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        states = serve.status().applications["astra"].deployments["ChunkGenerator"].replica_states
+        if states == {"RUNNING": count} and len(_replicas()) == count:
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.5)
+    time.sleep(2)
+
+
+def test_scale_up_and_down_never_continues_stale_state(served):
+    def step(sid: str, key: str) -> str:
+        events = sse_step(served, sid, {"keys": [{"keys": [key], "frames": 2}]})
+        return events[-1][2]["replica"]
+
+    moves = ["W", "A", "D"]
+    ids = [create(served, seed=40 + i)["session_id"] for i in range(8)]
+    _wait_for_replicas(1)  # idle: the autoscaler's minimum
+    served_by = {sid: [step(sid, moves[0])] for sid in ids}  # one replica: it caches every session at 1
+    load_ids = [create(served, seed=90 + i, sampler={"num_steps": 40})["session_id"] for i in range(4)]
+    stop = threading.Event()
+
+    def load(sid: str):  # slow steps keep more requests in flight than target_ongoing_requests
+        while not stop.is_set():
+            httpx.post(f"{served.url}/v1/sessions/{sid}/step", headers=AUTH, timeout=300,
+                       json={"rows": [[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]] * 2, "stream": False})  # fmt: skip
+
+    threads = [threading.Thread(target=load, args=(sid,)) for sid in load_ids]
+    for t in threads:
+        t.start()
+    try:
+        _wait_for_replicas(2)  # scaled up under load
+        for sid in ids:
+            served_by[sid].append(step(sid, moves[1]))  # some sessions move to the new replica
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    _wait_for_replicas(1)  # idle again: scaled down
+    for sid in ids:
+        served_by[sid].append(step(sid, moves[2]))
+    came_back = [sid for sid, r in served_by.items() if r[0] == r[2] != r[1]]
+    assert came_back, served_by  # sessions returned to a replica holding their step-1 state
+    for i, sid in enumerate(ids):  # every chunk is the uninterrupted session's, bitwise
+        alone = create(served, seed=40 + i)["session_id"]
+        for key in moves:
+            step(alone, key)
+        for k in (1, 2, 3):
+            assert torch.equal(chunk_latents(served, sid, k), chunk_latents(served, alone, k)), (sid, k)
