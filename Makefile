@@ -31,6 +31,7 @@ bench:
 	$(PY) bench/encode.py
 	$(PY) bench/store.py
 	$(PY) bench/train.py
+	$(PY) bench/serve.py
 
 format:
 	$(PY) -m ruff check --fix .

@@ -381,3 +381,43 @@ def test_scale_up_and_down_never_continues_stale_state(served):
             step(alone, key)
         for k in (1, 2, 3):
             assert torch.equal(chunk_latents(served, sid, k), chunk_latents(served, alone, k)), (sid, k)
+
+
+def test_web_player_in_a_real_headless_chromium(served, tmp_path):
+    """The page at / in Debian's chromium (driven by Playwright): start a session, press W, the step
+    counter and the shown frames advance, the picture changes; a screenshot is saved."""
+    import os
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: apt-get install -y chromium (.ci/run does)")
+        pytest.skip("no chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(served.url + "/")
+            page.fill("#token", TOKEN)
+            page.click("#start")
+            page.wait_for_function("document.getElementById('step').textContent === '0'", timeout=60_000)
+            page.wait_for_function("Number(document.getElementById('frames').textContent) >= 1")
+            before = page.get_attribute("#screen", "src")
+            page.click("h1")  # focus off the inputs, as a user would
+            page.keyboard.press("w")
+            page.wait_for_function("document.getElementById('step').textContent === '1'", timeout=120_000)
+            page.wait_for_function("Number(document.getElementById('frames').textContent) >= 9")  # 1 + 8
+            after = page.get_attribute("#screen", "src")
+            shot = tmp_path / "player.png"
+            page.screenshot(path=str(shot))
+            assert page.text_content("#error") == "" and not errors, (page.text_content("#error"), errors)
+        finally:
+            browser.close()
+    assert after != before and after.startswith("data:image/jpeg;base64,")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 1000
+    print(f"screenshot: {shot}")
