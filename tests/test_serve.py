@@ -51,6 +51,7 @@ def served(ray_local, checkpoint, tmp_path_factory):
     from ray import serve
 
     from serving.app import build
+    from serving.client import wait_ready
 
     sessions = tmp_path_factory.mktemp("sessions")
     port = free_port()
@@ -73,15 +74,7 @@ def served(ray_local, checkpoint, tmp_path_factory):
     }
     serve.run(build(args), name="astra", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the Serve app did not become ready"
-        time.sleep(1)
+    wait_ready(url)
     yield SimpleNamespace(url=url, sessions=Path(sessions), args=args)
     serve.delete("astra")
     serve.shutdown()

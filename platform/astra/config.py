@@ -384,6 +384,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def multiple_of_16(v: int) -> int:
+    """Validator of a video height / width: the VAE downsamples 8x and the patch embedding 2x."""
+    if v % 16:
+        raise ValueError(f"must be a multiple of 16 (VAE 8x, patch 2x), got {v}")
+    return v
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():

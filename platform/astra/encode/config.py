@@ -16,6 +16,7 @@ from astra.config import (
     TextEncoderConfig,
     VAEConfig,
     load_config,
+    multiple_of_16,
 )
 from astra.data.manifest import manifest_exists
 from astra.data.storage import StorageConfig
@@ -63,12 +64,7 @@ class VideoConfig(FrozenModel):
     def _frames(cls, v: int) -> int:
         return _one_plus_4k(v)
 
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"must be a multiple of 16 (VAE 8x, patch 2x), got {v}")
-        return v
+    _multiple_of_16 = field_validator("height", "width")(multiple_of_16)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> VideoConfig:

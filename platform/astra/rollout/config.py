@@ -22,6 +22,7 @@ from astra.config import (
     deep_merge,
     load_config,
     load_config_tree,
+    multiple_of_16,
     parse_overrides,
 )
 from astra.data.storage import StorageConfig
@@ -118,12 +119,7 @@ class ServeConfig(FrozenModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request and session limits.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Scaling and batching.")
 
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"must be a multiple of 16 (VAE x8, patch x2), got {v}")
-        return v
+    _multiple_of_16 = field_validator("height", "width")(multiple_of_16)
 
 
 SERVE_PRESETS: dict[str, dict[str, Any]] = {
