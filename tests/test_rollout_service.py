@@ -191,3 +191,40 @@ def test_served_weights_from_a_registered_mlflow_model(tmp_path, tiny_config, ti
     for name, p in tiny_model.state_dict().items():
         assert torch.equal(model.state_dict()[name], p), name
     assert astra.model == tiny_model.config
+
+
+def test_replica_memory_and_the_session_total_are_bounded(tmp_path):
+    from astra.rollout.service import LimitReached
+
+    service = RolloutService(serve_config_from_args({
+        "sessions.uri": str(tmp_path / "s"), "limits.sessions_per_replica": 2, "limits.max_sessions": 3,
+    }))  # fmt: skip
+    ids = [
+        service.create(f"bounded-session-{i:06d}", "a", "camera", i, _image(i))[0]["session_id"]
+        for i in range(3)
+    ]
+    assert len(service.live) == 2 and ids[0] not in service.live  # the oldest left memory ...
+    _step(service, ids[0], "W")  # ... not the store: it is reloaded and continues
+    assert service.describe(ids[0])["step"] == 1 and len(service.live) == 2
+    with pytest.raises(LimitReached, match=r"limits\.max_sessions: 3 sessions are live"):
+        service.create("one-too-many-000000000", "a", "camera", 0, _image())
+
+
+def test_served_weights_from_s3(tmp_path, tiny_config, tiny_model, s3_server):
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    from astra.data.storage import resolve
+    from astra.model.io import save_astra
+    from astra.rollout.config import ModelSource
+    from astra.rollout.weights import load_served_model
+
+    folder = save_astra(tiny_model, tmp_path / "ckpt")  # a full checkpoint
+    prefix = f"astra/{uuid.uuid4().hex}/ckpt"
+    fs, _ = resolve(f"s3://{prefix}", s3_server)
+    pafs.copy_files(str(folder), prefix, destination_filesystem=fs)
+    source = ModelSource(uri=f"s3://{prefix}", s3_endpoint=s3_server, cache_dir=str(tmp_path / "cache"))
+    model, _ = load_served_model(source, tiny_config)
+    for name, p in tiny_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], p), name

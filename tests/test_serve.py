@@ -152,6 +152,23 @@ def test_create_step_stream_video_and_fork(served):
     sse_step(served, fid, {**keys})
     for step in (2, 3):  # the original's actions from the same state: bitwise the original's chunks
         assert torch.equal(chunk_latents(served, fid, step), chunk_latents(served, sid, step))
+    clip = io.BytesIO()  # a start clip instead of an image: its first 1 + 4k frames are the history
+    from astra.data.video import encode_mp4
+
+    encode_mp4(np.random.default_rng(0).integers(0, 255, (9, 64, 64, 3), dtype=np.uint8), clip, fps=16.0)
+    from_clip = create(served, image_base64=None, clip_base64=base64.b64encode(clip.getvalue()).decode())
+    assert from_clip["latent_frames"] == 3 and len(from_clip["start_frames"]) == 9
+    upload = httpx.post(f"{served.url}/v1/sessions/upload", headers=AUTH, timeout=60,
+                        data={"prompt": "a road", "modality": "driving", "seed": "1"},
+                        files={"image": ("start.png", base64.b64decode(png()), "image/png")})  # fmt: skip
+    assert upload.status_code == 201 and upload.json()["modality"] == "driving", upload.text
+    drive = sse_step(
+        served, upload.json()["session_id"], {"drive": [{"throttle": 8.0, "steer": 0.2, "frames": 2}]}
+    )
+    assert drive[-1][1] == "done" and drive[-1][2]["session"]["step"] == 1
+    assert (
+        httpx.get(f"{served.url}/docs").status_code == 200 and httpx.get(f"{served.url}/healthz").json()["ok"]
+    )
     other = create(served)  # the same seed and image, other actions: another rollout
     sse_step(served, other["session_id"], {"keys": [{"keys": ["S"], "frames": 2}]})
     assert not torch.equal(chunk_latents(served, other["session_id"], 1), chunk_latents(served, sid, 1))

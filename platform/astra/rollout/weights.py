@@ -43,6 +43,7 @@ def fetch(uri: str, source: ModelSource, field: str) -> Path:
 
         if not (cache / ".complete").exists():
             fs, path = resolve(uri, source.s3_endpoint)
+            cache.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(path, str(cache), source_filesystem=fs)
             (cache / ".complete").touch()
         return cache
