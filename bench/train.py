@@ -6,8 +6,9 @@ with and without activation checkpointing.
 Both variants train the same model (a small Astra: 4 blocks of width 128, bigger than the tiny preset
 so a step is compute, not overhead) from the same synthetic store with the same sample builder and
 batch size. The loop builds batches from the store's records in-process and runs ``training_loss``,
-backward and AdamW; the job is ``run_training`` with one CPU worker (FSDP2 over one rank, MLflow,
-checkpoints at the end only). Both report the median step time after warm-up. Activation memory is the
+backward and AdamW; the job is ``run_training`` with one CPU worker (unsharded: FSDP2 over a single
+rank only costs time; MLflow, checkpoints at the end only). Ray gives a 1-CPU worker one torch thread
+(OMP_NUM_THREADS), so the loop computes with one thread too: the ratio is the job's overhead. Both report the median step time after warm-up. Activation memory is the
 bytes autograd keeps for backward during one forward (``saved_tensors_hooks``), exact and
 machine-independent, with ``parallel.activation_checkpointing`` off and on; and the peak resident
 memory a training step adds, each variant in a fresh process (so the high-water mark is its own).
@@ -158,7 +159,10 @@ def main() -> None:
         warm = max(3, args.steps // 5)
 
         batches = loop_batches(config, LatentStore(config.data.store))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the 1-CPU Ray Train worker computes (see the module docstring)
         loop = statistics.median(loop_step_seconds(config, batches, args.steps)[warm:])
+        torch.set_num_threads(threads)
         print(f"loop:      median step {loop * 1e3:.1f} ms ({1 / loop:.2f} steps/s)")
 
         run_training(config, plan_data(config, 1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,8 @@ from astra.rollout.media import jpeg, mp4
 from astra.rollout.service import Busy, LimitReached, RolloutService
 from astra.rollout.store import SessionExpired, SessionNotFound, VersionConflict
 from serving.schemas import ApiError
+
+logger = logging.getLogger("ray.serve")
 
 
 def api_errors(fn: Callable):
@@ -143,6 +146,9 @@ class ChunkGenerator:
                 }
             except ApiError as err:  # after "accepted" the response has begun: an error event
                 yield {"event": "error", "status": err.status, "error": err.message}
+            except Exception:  # a bug or a lost device: say so in the stream, log the details here
+                logger.exception("step of session %s failed", session_id)
+                yield {"event": "error", "status": 500, "error": "internal error while generating the chunk"}
         finally:
             self.service.release(session_id)
 

@@ -85,6 +85,10 @@ async def _invalid(request: Request, err: RequestValidationError):
     """Pydantic / JSON errors: 422 naming the field (``rows.0.3``), never a stack trace."""
     problems = []
     for e in err.errors():
+        if e.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+            problems.append(f"body: not valid JSON ({e.get('ctx', {}).get('error', 'JSON decode error')} "
+                            f"at character {e.get('loc', ('', '?'))[-1]})")  # fmt: skip
+            continue
         loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "path", "query")]
         problems.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
     return JSONResponse({"error": "; ".join(problems)}, status_code=422)
@@ -130,17 +134,21 @@ class Guard:
         too_big = f"body: larger than limits.max_body_bytes ({limit})"
         if length is not None and length.isdigit() and int(length) > limit:
             return await JSONResponse({"error": too_big}, 413)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        # a body without a declared length (chunked): read it here, up to the limit, then replay it
+        messages, seen = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise ApiError(413, too_big)
-            return message
+                return await JSONResponse({"error": too_big}, 413)(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
 
 
 api.add_middleware(Guard)
@@ -262,7 +270,7 @@ class Ingress:
         request: Request,
         prompt: Annotated[str, Form(min_length=1)],
         modality: Annotated[str, Form()] = "camera",
-        seed: Annotated[int, Form(ge=0)] = 0,
+        seed: Annotated[int, Form(ge=0, le=2**63 - 1)] = 0,
         image: Annotated[UploadFile | None, File()] = None,
         clip: Annotated[UploadFile | None, File()] = None,
     ):

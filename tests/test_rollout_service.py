@@ -177,7 +177,10 @@ def test_served_weights_from_a_registered_mlflow_model(tmp_path, tiny_config, ti
 
     folder = save_astra(tiny_model, tmp_path / "ckpt", adapter_only=True)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
+    experiment = mlflow.create_experiment(
+        "serve-weights", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.pyfunc.log_model(
             name="adapter", python_model=MODEL_FILE, artifacts={"adapter": str(folder)},
             registered_model_name="serve-test",
@@ -228,3 +231,20 @@ def test_served_weights_from_s3(tmp_path, tiny_config, tiny_model, s3_server):
     model, _ = load_served_model(source, tiny_config)
     for name, p in tiny_model.state_dict().items():
         assert torch.equal(model.state_dict()[name], p), name
+
+
+def test_a_thin_image_is_cropped_before_it_is_resized():
+    """A 40000x1 PNG (under the pixel limit) would need ~27 GB to scale to cover 480x832 whole."""
+    import io
+    import resource
+
+    from PIL import Image
+
+    from astra.rollout.media import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40_000, 1), "red").save(buf, format="PNG")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    frame = decode_image(buf.getvalue(), (480, 832), 4096 * 4096)
+    assert frame.shape == (480, 832, 3) and (frame == [255, 0, 0]).all()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: < 200 MiB more

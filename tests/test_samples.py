@@ -109,3 +109,24 @@ def test_collate_matches_the_engine_and_nulls_action_free_clips():
     _, mixed = collate([sample, free], {"p": prompt}, config)
     for g in (*mixed.history, mixed.target):
         assert torch.all(g.present[1] == 0) and torch.all(g.actions[1] == 0) and torch.all(g.present[0] == 1)
+
+
+def test_a_rank_whose_clips_never_fill_a_batch_fails_instead_of_hanging(tmp_path):
+    """One clip and batch_size 2: every epoch gives one sample, no batch ever fills. The rank must say
+    so (the other ranks would wait for it in their all-reduce forever)."""
+    import pytest
+
+    from astra.train.dataset import DataPlan
+    from astra.train.stream import EMPTY_EPOCHS, Position, SampleStream
+
+    class Rows:  # what ray.train.get_dataset_shard gives: something with iter_rows()
+        def iter_rows(self):
+            return iter([_record(cid="only").to_row()])
+
+    config = _config(f"data.store.uri={tmp_path}", "batch_size=2")
+    plan = DataPlan("h", ((),), True, (), 1, 12, {})
+    stream = SampleStream(Rows(), config, plan, 0, 1, Position())
+    with pytest.raises(
+        ValueError, match=rf"batch_size: worker 0's clips filled no batch of 2 .* in {EMPTY_EPOCHS}"
+    ):
+        next(iter(stream))

@@ -186,7 +186,8 @@ def test_bad_requests_get_a_4xx_naming_the_field(served):
     big.save(buf, format="PNG")
     body = {"prompt": "p", "image_base64": png()}
     cases = [
-        ("wrong action dims", "POST", step, {"json": {"rows": [[0.0] * 5] * 2}}, 422, "actions: expected shape (2, 12)"),
+        ("wrong action dims", "POST", step, {"json": {"rows": [[0.0] * 5] * 2}}, 422, "rows: every row needs 12 numbers"),
+        ("wrong row count", "POST", step, {"json": {"rows": [[0.0] * 12] * 3}}, 422, "actions: expected shape (2, 12)"),
         ("NaN action", "POST", step, {"content": '{"rows": [[NaN, 0,0,0,0,0,0,0,0,0,0,0], [0,0,0,0,0,0,0,0,0,0,0,0]]}',
                                       "headers": {"content-type": "application/json"}}, 422, "actions: contains NaN"),
         ("two kinds of actions", "POST", step, {"json": {"rows": [[0.0] * 12] * 2, "keys": []}}, 422, "rows: give exactly one"),
@@ -208,7 +209,12 @@ def test_bad_requests_get_a_4xx_naming_the_field(served):
         ("long prompt", "POST", "/v1/sessions", {"json": body | {"prompt": "x" * 2001}}, 422, "prompt: longer than limits.max_prompt_chars"),
         ("sampler out of range", "POST", "/v1/sessions", {"json": body | {"sampler": {"num_steps": 500}}}, 422, "sampler.num_steps: must be within"),
         ("unknown field", "POST", "/v1/sessions", {"json": body | {"colour": 1}}, 422, "colour: Extra inputs are not permitted"),
-        ("malformed JSON", "POST", "/v1/sessions", {"content": "{not json", "headers": {"content-type": "application/json"}}, 422, "JSON decode error"),
+        ("malformed JSON", "POST", "/v1/sessions", {"content": "{not json", "headers": {"content-type": "application/json"}}, 422, "body: not valid JSON"),
+        ("oversized chunked body", "POST", "/v1/sessions", {"content": (b"x" * 65536 for _ in range(5)),
+                                                              "headers": {"content-type": "application/json"}}, 413,
+         "body: larger than limits.max_body_bytes"),
+        ("uneven rows", "POST", step, {"json": {"rows": [[0.0] * 12, [0.0] * 5]}}, 422, "rows: every row needs"),
+        ("upload seed overflow", "POST", "/v1/sessions/upload", {"data": {"prompt": "p", "seed": str(2**70)}}, 422, "seed:"),
         ("oversized body", "POST", "/v1/sessions", {"json": {"prompt": "p", "image_base64": "A" * 300_000}}, 413, "body: larger than limits.max_body_bytes"),
         ("unknown session", "GET", "/v1/sessions/AAAAAAAAAAAAAAAAAAAAAA", {}, 404, "session_id: no session"),
         ("malformed session id", "GET", "/v1/sessions/abc", {}, 404, "session_id: no session"),
@@ -253,18 +259,28 @@ def test_concurrent_steps_of_one_session_one_wins_the_other_409(served):
 
 
 def test_openapi_fuzz_finds_no_server_error(served):
-    """Schemathesis draws requests from the app's own OpenAPI spec: none may get a 5xx."""
+    """Schemathesis draws requests from the app's own OpenAPI spec, every other one aimed at a real
+    session (so step / fork / video validation runs on live state, not just the 404 of a random id):
+    none may get a 5xx."""
+    import itertools
+
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
     schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json")
     failures: list[tuple] = []
+    real = itertools.count()
+    sessions = [create(served, seed=70 + i)["session_id"] for i in range(2)]
 
     def fuzz(operation):
-        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def check(case):
-            response = case.call(base_url=served.url, headers=AUTH, timeout=60)
+            if "session_id" in (case.path_parameters or {}) and next(real) % 2 == 0:
+                # a real session; DELETE gets one of its own so the others stay
+                delete = case.method.upper() == "DELETE"
+                case.path_parameters["session_id"] = create(served)["session_id"] if delete else sessions[0]
+            response = case.call(base_url=served.url, headers=AUTH, timeout=120)
             if response.status_code >= 500:
                 failures.append((operation.label, response.status_code, response.text[:200]))
 
@@ -275,6 +291,7 @@ def test_openapi_fuzz_finds_no_server_error(served):
     for operation in operations:
         fuzz(operation)()
     assert not failures, failures[:5]
+    assert httpx.get(f"{served.url}/v1/sessions/{sessions[1]}", headers=AUTH).status_code == 200
 
 
 def _replicas() -> list[str]:

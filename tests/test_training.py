@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from astra.config import DiffusionConfig
+from astra.config import DiffusionConfig, derive
 from astra.diffusion.flow import loss_weight, noise_as_mask
 from astra.model import mark_trainable, pack_chunk, plan_chunk
 from astra.train.objective import training_loss
@@ -87,7 +87,7 @@ def test_noise_as_mask_corrupts_only_the_configured_scales():
 
 
 def test_objective_applies_configured_rates(tiny_config, tiny_model):
-    cfg = tiny_config.diffusion.model_copy(update={"noise_as_mask_prob": 0.5, "action_dropout_prob": 0.25})
+    cfg = derive(tiny_config.diffusion, {"noise_as_mask_prob": 0.5, "action_dropout_prob": 0.25})
     target, inputs = _batch(tiny_config, batch=2)
     noised, dropped = [], []
     g = torch.Generator().manual_seed(1)
@@ -114,9 +114,7 @@ def test_action_dropout_zeroes_actions_flags_and_presence(tiny_config):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config, tiny_wan, routing):
     from astra.model import AstraTransformer
 
-    cfg = tiny_config.model.model_copy(
-        update={"actions": tiny_config.model.actions.model_copy(update={"routing": routing})}
-    )
+    cfg = derive(tiny_config.model, {"actions": {"routing": routing}})
     model = AstraTransformer.from_wan(tiny_wan, cfg)
     mark_trainable(model)
     target, inputs = _batch(tiny_config)

@@ -36,23 +36,24 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int, field: str
                 raise MediaError(
                     f"{field}: {width}x{height} pixels exceed limits.max_image_pixels ({max_pixels})"
                 )
-            img = img.convert("RGB")
+            img = cover_crop(img.convert("RGB"), size)
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise MediaError(f"{field}: not a readable PNG or JPEG image ({type(err).__name__})") from None
     except OSError as err:  # truncated or corrupt data
         raise MediaError(f"{field}: not a readable PNG or JPEG image ({err})") from None
-    return cover_crop(np.asarray(img), size)
+    return np.asarray(img)
 
 
-def cover_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) uint8 -> (H, W, 3): scaled to cover, centre cropped."""
+def cover_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scaled to cover (height, width) and centre cropped. The crop is taken in the source's own
+    pixels first and only it is resized, so a 40000x1 image costs a (height, width) resize, not the
+    gigabytes that scaling the whole of it to cover would."""
     height, width = size
-    h, w = frame.shape[:2]
+    w, h = img.size
     scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    img = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC))
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return np.ascontiguousarray(img[top : top + height, left : left + width])
+    crop_w, crop_h = width / scale, height / scale  # the part of the source that ends up visible
+    left, top = (w - crop_w) / 2, (h - crop_h) / 2
+    return img.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
 
 
 def decode_start_clip(

@@ -149,12 +149,7 @@ class RolloutService:
         if modality not in self.modalities:
             raise ValueError(f"modality: unknown '{modality}'; this model has {self.modalities}")
         options = self.check_options(options or {})
-        if self.store.count() >= self.config.limits.max_sessions:
-            self.store.sweep()
-            if self.store.count() >= self.config.limits.max_sessions:
-                raise LimitReached(
-                    f"limits.max_sessions: {self.config.limits.max_sessions} sessions are live"
-                )
+        self._check_capacity()
         video = frames_to_video(torch.from_numpy(np.ascontiguousarray(start))[None])  # (1, 3, N, H, W)
         latents = self.vae.encode(video)[0]  # (C, F, h, w)
         spec = self.astra.model.actions.modality(modality)
@@ -166,6 +161,14 @@ class RolloutService:
         frames = [f.numpy() for f in decode_stream(self.vae, live.decode, session.history)]
         self._remember(live)
         return self.describe_live(live), frames
+
+    def _check_capacity(self) -> None:
+        """LimitReached when the store holds ``limits.max_sessions`` live sessions (after a sweep)."""
+        limit = self.config.limits.max_sessions
+        if self.store.count() >= limit:
+            self.store.sweep()
+            if self.store.count() >= limit:
+                raise LimitReached(f"limits.max_sessions: {limit} sessions are live")
 
     def describe_live(self, live: Live) -> dict:
         s = live.session
@@ -244,6 +247,9 @@ class RolloutService:
                     f"drive: driving commands need a driving session, this is a {modality} session"
                 )
             rows = driving_rows(drive, frames, self.config.commands).tolist()
+        spec = self.astra.model.actions.modality(modality)
+        if any(len(r) != spec.raw_dim for r in rows):
+            raise ValueError(f"rows: every row needs {spec.raw_dim} numbers ({modality} raw_dim)")
         return check_actions(torch.tensor(rows, dtype=torch.float32), live.session, self.astra)
 
     def batch_key(self, live: Live) -> tuple:
@@ -295,6 +301,7 @@ class RolloutService:
     def fork(self, session_id: str, step: int | None, new_id: str) -> dict:
         latest = self.store.latest_step(session_id)
         step = latest if step is None else step
+        self._check_capacity()
         self.store.fork(session_id, step, new_id, self.config.session_ttl_s)
         return self.describe(new_id)
 

@@ -1,8 +1,9 @@
 """Training checkpoints: sharded ``torch.distributed.checkpoint`` of the trainable state.
 
 What is saved: the trainable parameters (the whitelist — frozen weights come back from the initial
-weights, they never change), the optimizer state, and a small ``train_state.json`` (step, data
-position, MLflow run id, the rank-0 RNG). Every rank writes its own shards into a local folder and
+weights, they never change), the optimizer state, and a small ``train_state.json`` (step, every rank's
+data position, MLflow run id). No RNG state: every random draw of a step is seeded from (seed, rank,
+step), so a resumed step draws what the uninterrupted one did. Every rank writes its own shards into a local folder and
 reports it through ``ray.train.report``; Ray Train gathers all ranks' files into one checkpoint
 directory in the run's storage (local or S3) and only registers it once every rank has reported, so a
 partial checkpoint is never resumed from. ``keep_last`` is Ray Train's ``num_to_keep``.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -50,7 +50,3 @@ def load(folder: str | Path, model, optimizer, patterns: tuple[str, ...]) -> dic
         options=StateDictOptions(strict=False),
     )
     return json.loads((folder / STATE).read_text())
-
-
-def rng_state() -> list[int]:
-    return torch.get_rng_state().tolist()

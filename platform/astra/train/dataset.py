@@ -81,7 +81,7 @@ def plan_data(config, world: int) -> DataPlan:
         raise ConfigError(
             f"astra.model.actions.modalities: the store has modalities {unknown}, not registered ({known})"
         )
-    rows = [r for r in rows if d.weights.get(r["modality"], 1.0) > 0]
+    rows = _weighted(rows, d.weights, known, store)
     need = config.target_latents + 1
     usable = [r for r in rows if r["num_latents"] >= need]
     if not usable:
@@ -112,6 +112,13 @@ def plan_data(config, world: int) -> DataPlan:
     else:
         files = tuple(tuple(f"{base}/{s}" for s in shards) for _ in range(world))
         by_hash = True
+        per_rank = [sum(clip_hash(r["clip_id"]) % world == i for r in train) for i in range(world)]
+        if min(per_rank) == 0:  # that rank would wait for a batch forever while the others wait for it
+            raise ConfigError(
+                f"parallel.workers: {len(train)} training clips in {len(shards)} shard(s) leave worker "
+                f"{per_rank.index(0)} of {world} without a clip (clips per worker: {per_rank}); use fewer "
+                "workers or more clips"
+            )
     return DataPlan(
         encode_hash=encode_hash,
         rank_files=files,
@@ -121,6 +128,32 @@ def plan_data(config, world: int) -> DataPlan:
         longest=max(r["num_latents"] for r in train),
         stats=catalog.stats(encode_hash),
     )
+
+
+def _weighted(rows: list[dict], weights: dict[str, float], modalities: list[str], store) -> list[dict]:
+    """The catalog rows ``data.weights`` keeps (weight > 0). Keys are modality or dataset names; a
+    key that is neither is an error (a typo would otherwise silently weigh 1)."""
+    from astra.config import ConfigError
+
+    if not weights:
+        return rows
+    datasets: dict[str, str] = {}
+    if set(weights) - set(modalities):  # dataset names: read that one column of the shards
+        table = store.read_table(LATENTS, columns=["clip_id", "dataset"])
+        datasets = dict(
+            zip(table.column("clip_id").to_pylist(), table.column("dataset").to_pylist(), strict=True)
+        )
+    unknown = sorted(set(weights) - set(modalities) - set(datasets.values()))
+    if unknown:
+        raise ConfigError(
+            f"data.weights: {unknown} name no modality ({modalities}) and no dataset of the store "
+            f"({sorted(set(datasets.values()))})"
+        )
+    return [
+        r
+        for r in rows
+        if weights.get(r["modality"], 1.0) * weights.get(datasets.get(r["clip_id"], ""), 1.0) > 0
+    ]
 
 
 # Read tasks reserve no CPU: they are I/O and Parquet decoding, light next to a training step, and

@@ -113,7 +113,7 @@ class Worker:
             self.tracker = Tracker(config, run_id, tags)
         self.stream_obj = SampleStream(self._shard(), config, plan, self.rank, self.world, self.position)
         self.stream = iter(self.stream_obj)
-        self.val = fixed_samples(config, plan, count=max(1, config.batch_size))
+        self.val = fixed_samples(config, plan, count=len(plan.val_ids))  # one per held-out clip
         self.prompts = PromptCache(self._store())
         self.peak = peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
@@ -193,15 +193,25 @@ class Worker:
     # ------------------------------------------------------------------ evaluation and samples
 
     def val_loss(self) -> dict[str, float]:
+        """Fixed-sigma loss over every held-out sample (one per held-out clip), batched by packed shape
+        in groups of at most ``batch_size``; the mean over samples."""
         if not self.val:
             return {}
         self.model.eval()
-        batch = self.val[: self.config.batch_size]
-        same = [s for s in batch if s.shape_key(self.config) == batch[0].shape_key(self.config)]
-        target, inputs = collate(same, self.prompts.get([s.prompt_key for s in same]), self.config)
-        per_sigma = fixed_sigma_loss(
-            self.model, target.to(self.device), inputs.to(self.device, torch.float32)
-        )
+        groups: dict[tuple, list] = {}
+        for sample in self.val:
+            groups.setdefault(sample.shape_key(self.config), []).append(sample)
+        total, count = None, 0
+        for same in groups.values():
+            for i in range(0, len(same), self.config.batch_size):
+                part = same[i : i + self.config.batch_size]
+                target, inputs = collate(part, self.prompts.get([s.prompt_key for s in part]), self.config)
+                per_sigma = fixed_sigma_loss(
+                    self.model, target.to(self.device), inputs.to(self.device, torch.float32)
+                )
+                total = per_sigma * len(part) if total is None else total + per_sigma * len(part)
+                count += len(part)
+        per_sigma = total / count
         return {"val_loss": _mean(per_sigma.mean())} | {
             f"val_loss_sigma_{i}": float(v) for i, v in enumerate(per_sigma)
         }
@@ -300,7 +310,7 @@ def train_loop(loop_config: dict) -> None:
 
     quiet_ray_logs()
     worker = Worker(config, loop_config["plan"], loop_config["tags"])
-    if worker.step >= config.max_steps:  # re-run of a finished run: nothing left to do
+    if worker.step >= config.max_steps and _exported(worker):  # a finished run re-run: nothing to do
         return
     if worker.rank == 0 and worker.step == 0:
         counts = count_params(worker.full)
@@ -334,7 +344,20 @@ def train_loop(loop_config: dict) -> None:
         uri = worker.tracker.register(exported) if config.tracking.register_as else None
         if uri:
             worker.tracker.client.set_tag(worker.tracker.run_id, "astra.registered_model", uri)
+        worker.tracker.client.set_tag(worker.tracker.run_id, "astra.exported", "true")
         worker.tracker.finish()
+
+
+def _exported(worker: Worker) -> bool:
+    """Whether this run's export (adapter artifact + registration) completed; a run that died after its
+    last checkpoint but before that redoes only the export when re-run. Rank 0 asks MLflow, all agree."""
+    done = [False]
+    if worker.tracker is not None:
+        tags = worker.tracker.client.get_run(worker.tracker.run_id).data.tags
+        done = [tags.get("astra.exported") == "true"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(done, src=0)
+    return done[0]
 
 
 def _maybe_fail(config: TrainConfig, worker: Worker) -> None:

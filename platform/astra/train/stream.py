@@ -21,6 +21,8 @@ from astra.train.config import TrainConfig
 from astra.train.dataset import DataPlan, clip_hash
 from astra.train.samples import Bucketer, Sample, collate, draw_sample
 
+EMPTY_EPOCHS = 20  # epochs in a row without a full batch before a rank gives up (instead of hanging)
+
 
 @dataclass
 class Position:
@@ -82,9 +84,11 @@ class SampleStream:
                 yield sample
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, object]]:
+        empty = 0  # consecutive epochs that filled no batch
         while True:
             rng = np.random.default_rng((self.config.seed, self.rank, self.position.epoch))
             bucketer = Bucketer(self.config.batch_size, self.config)
+            batches_before = self.position.batches + self._skip
             for sample in self._epoch_samples(rng):
                 batch = bucketer.add(sample)
                 if batch is None:
@@ -96,6 +100,13 @@ class SampleStream:
                 self.position.batches += 1
                 yield collate(batch, self.prompts.get([s.prompt_key for s in batch]), self.config)
             # leftovers of an epoch are dropped (their shapes never filled a batch)
+            empty = empty + 1 if self.position.batches + self._skip == batches_before else 0
+            if empty >= EMPTY_EPOCHS:  # the other ranks would wait for this one forever
+                raise ValueError(
+                    f"batch_size: worker {self.rank}'s clips filled no batch of {self.config.batch_size} "
+                    f"samples of one packed shape in {EMPTY_EPOCHS} epochs ({len(bucketer)} left over in the "
+                    "last); lower batch_size or add clips"
+                )
             self.position = Position(self.position.epoch + 1, 0)
 
 
