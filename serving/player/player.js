@@ -70,13 +70,25 @@ async function start() {
   } catch (err) { fail(err.message); $("status").textContent = ""; }
 }
 
+// keys -> driving commands: W/S throttle, A/D (or arrows) steer while rolling
+const DRIVE = { W: [8, 0], S: [-3, 0], A: [6, 0.5], D: [6, -0.5], ArrowLeft: [6, 0.5], ArrowRight: [6, -0.5],
+                ArrowUp: [12, 0], ArrowDown: [0, 0], Q: [4, 0], E: [4, 0] };
+
+function commands(key) {
+  const frames = service.chunk_latents;
+  if (session.modality === "driving") {
+    const [throttle, steer] = DRIVE[key];
+    return { drive: [{ throttle, steer, frames }] };
+  }
+  return { keys: [{ keys: [key], frames }] };
+}
+
 // one SSE step: events accepted / frames / done / error
 async function step(key) {
   busy = true;
   try {
-    const chunk = service.chunk_latents;
     const response = await api(`/v1/sessions/${session.session_id}/step`,
-      { method: "POST", body: JSON.stringify({ keys: [{ keys: [key], frames: chunk }] }) });
+      { method: "POST", body: JSON.stringify(commands(key)) });
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
@@ -143,7 +155,10 @@ async function init() {
   try {
     service = await (await fetch("/v1/config")).json();
   } catch (err) { fail("cannot reach the service: " + err.message); return; }
-  for (const m of service.modalities) $("modality").add(new Option(m, m));
+  // the keyboard drives the camera and the car; other modalities need action rows (the API)
+  for (const m of service.modalities.filter((m) => m === "camera" || m === "driving")) {
+    $("modality").add(new Option(m, m));
+  }
   $("start").onclick = start;
   $("download").onclick = download;
   document.querySelectorAll("button[data-key]").forEach((b) => { b.onclick = () => press(b.dataset.key); });
