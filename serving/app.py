@@ -1,7 +1,7 @@
 """The Ray Serve application: an HTTP ingress in front of autoscaled chunk-generation replicas.
 
     serve run serving.app:app                                   # tiny defaults, a local Ray
-    serve run serving.app:build model.uri=runs/train/export height=64 width=64
+    serve run serving.app:build model.uri=models:/astra-adapter/1 model.tracking_uri=sqlite:///$PWD/runs/train/astra-train/mlflow.db
     serve run serving.app:build config=serve.yaml               # a ServeConfig YAML (presets too)
     serve deploy infra/serve_config.yaml                         # a Serve config file on a cluster
 
@@ -23,6 +23,7 @@ from ray.serve.config import RequestRouterConfig
 
 from astra.config import derive
 from astra.rollout.config import ServeConfig, serve_config_from_args
+from astra.rollout.weights import check_source
 from astra.runtime import resolve_local
 from serving.generator import ChunkGenerator
 from serving.ingress import Ingress
@@ -45,9 +46,12 @@ def absolute_paths(config: ServeConfig) -> ServeConfig:
     return derive(config, changes)
 
 
-def build(args: dict[str, Any]) -> Application:
-    """The application for a config given as Serve ``args`` (see ``serve_config_from_args``)."""
+def build(args: dict[str, Any], check_sources: bool = True) -> Application:
+    """The application for a config given as Serve ``args`` (see ``serve_config_from_args``); the
+    weights are checked to exist first (``check_sources``)."""
     config = absolute_paths(serve_config_from_args(args))
+    if check_sources:
+        check_source(config.model)
     # replicas.* go to Serve (autoscaling, resources) and to user_config (batching), not into the
     # constructors: on a declarative deploy (`serve deploy`) changing them is a lightweight update
     # that keeps the replicas, and their sessions' caches

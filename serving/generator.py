@@ -54,10 +54,13 @@ def api_errors(fn: Callable):
 @serve.deployment(name="ChunkGenerator")
 class ChunkGenerator:
     def __init__(self, config: dict):
+        self._stop = threading.Event()  # first: __del__ runs even when the constructor fails
         self.config = ServeConfig.model_validate(config)
         self.service = RolloutService(self.config)
+        logger.info(
+            "serving %s (%s)", self.config.model.uri or "a random model", self.service.astra.model.backbone
+        )
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._stop = threading.Event()
         threading.Thread(target=self._sweep, daemon=True).start()
 
     def reconfigure(self, user_config: dict) -> None:
@@ -78,6 +81,14 @@ class ChunkGenerator:
     async def _run(self, fn: Callable):
         return await asyncio.to_thread(api_errors, fn)
 
+    async def _answer(self, fn: Callable):
+        """What a public method returns: the value, or the ``ApiError`` itself for the ingress to send
+        (returned, not raised: a client's 4xx is no replica error worth a logged traceback)."""
+        try:
+            return await self._run(fn)
+        except ApiError as err:
+            return err
+
     def _frames(self, frames) -> list[bytes]:
         return [jpeg(f, self.config.jpeg_quality) for f in frames]
 
@@ -90,33 +101,42 @@ class ChunkGenerator:
             info, frames = self.service.create(session_id, prompt, modality, seed, start, sampler)
             return info | {"start_frames": self._frames(f for chunk in frames for f in chunk)}
 
-        return await self._run(run)
+        return await self._answer(run)
 
     async def ready(self) -> bool:
         return True
 
     async def info(self, session_id: str) -> dict:
-        return await self._run(lambda: self.service.describe(session_id))
+        return await self._answer(lambda: self.service.describe(session_id))
 
     async def fork(self, session_id: str, step: int | None, new_id: str) -> dict:
-        return await self._run(lambda: self.service.fork(session_id, step, new_id))
+        return await self._answer(lambda: self.service.fork(session_id, step, new_id))
 
     async def video(self, session_id: str) -> bytes:
         """The whole rollout so far as an MP4 (all latents decoded in one pass)."""
-        return await self._run(lambda: mp4(self.service.video(session_id), self.config.fps))
+        return await self._answer(lambda: mp4(self.service.video(session_id), self.config.fps))
 
-    async def delete(self, session_id: str) -> None:
-        await self._run(lambda: self.service.delete(session_id))
+    async def delete(self, session_id: str):
+        return await self._answer(lambda: self.service.delete(session_id))
 
     async def step(self, session_id: str, request: dict) -> AsyncIterator[dict]:
         """Events of one step: ``accepted`` (the request is valid and the session reserved), one
         ``frames`` per decoded latent (its 4 frames as JPEG), then ``done`` with the new version and the
         size of the batch it was denoised in; ``t``
-        is the server's clock when an event left."""
-        live = await self._run(lambda: self.service.checkout(session_id, request.get("expected_step")))
+        is the server's clock when an event left. A request refused before ``accepted`` gets a single
+        ``error`` event (the ingress turns it into a plain 4xx response)."""
+        try:
+            live = await self._run(lambda: self.service.checkout(session_id, request.get("expected_step")))
+        except ApiError as err:
+            yield {"event": "error", "status": err.status, "error": err.message}
+            return
         try:
             rows, keys, drive = request.get("rows"), request.get("keys"), request.get("drive")
-            actions = await self._run(lambda: self.service.actions(live, rows, keys, drive))
+            try:
+                actions = await self._run(lambda: self.service.actions(live, rows, keys, drive))
+            except ApiError as err:
+                yield {"event": "error", "status": err.status, "error": err.message}
+                return
             yield {"event": "accepted", "step": live.session.step + 1}
             try:
                 start = time.perf_counter()

@@ -180,8 +180,13 @@ class Ingress:
             try:
                 if stream:
                     events = getattr(handle.options(stream=True), method).remote(*args)
-                    return events, await events.__anext__()
-                return await getattr(handle, method).remote(*args)
+                    first = await events.__anext__()
+                    if first["event"] == "error":  # refused before it began: a plain 4xx
+                        raise ApiError(first["status"], first["error"])
+                    return events, first
+                answer = await getattr(handle, method).remote(*args)
+            except ApiError:
+                raise
             except Exception as err:
                 api_err = _unwrap(err)
                 if api_err is not None:
@@ -189,6 +194,10 @@ class Ingress:
                 if not isinstance(err, RayActorError) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
+                continue
+            if isinstance(answer, ApiError):  # the generator answers client errors as values
+                raise answer
+            return answer
 
     def _start_frames(self, image: bytes | None, clip: bytes | None, fields: tuple[str, str]):
         """Start frames (N, H, W, 3) from the image or clip bytes; ``fields`` names them in errors."""
@@ -243,6 +252,7 @@ class Ingress:
     async def service_info(self, request: Request):
         a = self.config.astra.model.actions
         return ServiceInfo(
+            model=self.config.model.uri or "random",
             modalities=[m.name for m in a.modalities],
             chunk_latents=self.config.astra.model.framepack.target_frames,
             raw_dims={m.name: m.raw_dim for m in a.modalities},

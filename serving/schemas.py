@@ -83,6 +83,7 @@ class ForkRequest(Strict):
 
 
 class ServiceInfo(BaseModel):
+    model: str = Field(..., description="What is served: model.uri, or 'random' (a demo model).")
     modalities: list[str]
     chunk_latents: int = Field(..., description="Latent frames per chunk (each is 4 video frames).")
     raw_dims: dict[str, int]

@@ -432,7 +432,7 @@ def test_web_player_in_a_real_headless_chromium(served, tmp_path):
             page.goto(served.url + "/")
             page.fill("#token", TOKEN)
             page.click("#start")
-            page.wait_for_function("document.getElementById('step').textContent === '0'", timeout=60_000)
+            page.wait_for_function("document.getElementById('step').textContent === '0'", timeout=180_000)
             page.wait_for_function("Number(document.getElementById('frames').textContent) >= 1")
             before = page.get_attribute("#screen", "src")
             page.click("h1")  # focus off the inputs, as a user would

@@ -25,7 +25,19 @@ def test_the_serve_config_file_validates_and_builds():
     assert config.model.uri == "models:/astra-adapter/1" and config.replicas.num_gpus == 1
     assert config.astra.model.backbone.num_layers == 30  # the wan2.1-1.3b preset
     assert {d.name for d in app.deployments} <= {"ChunkGenerator", "Ingress"}
-    build(app.args)  # constructs the application (no weights are loaded until replicas start)
+    build(app.args, check_sources=False)  # constructs the app (its MLflow server is not reachable here)
+
+
+def test_missing_weights_are_named_before_deploying(tmp_path):
+    from serving.app import build
+
+    with pytest.raises(ConfigError, match=r"model\.uri: .*nowhere does not exist"):
+        build({"model.uri": str(tmp_path / "nowhere")})
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(
+        ConfigError, match=r"model\.uri: models:/astra-adapter/9 is not a registered model version"
+    ):
+        build({"model.uri": "models:/astra-adapter/9", "model.tracking_uri": db})
 
 
 def test_bad_serve_args_name_the_field():

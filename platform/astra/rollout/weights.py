@@ -52,6 +52,24 @@ def fetch(uri: str, source: ModelSource, field: str) -> Path:
     return Path(uri)
 
 
+def check_source(source: ModelSource) -> None:
+    """Before deploying: the weights the replicas will load exist (ConfigError naming the field), so
+    a wrong uri fails at once instead of after every replica has tried. s3:// is checked by loading."""
+    for field, uri in (("model.uri", source.uri), ("model.base", source.base)):
+        if uri is None or uri.startswith("s3://"):
+            continue
+        if uri.startswith("models:/"):
+            from mlflow.tracking import MlflowClient
+
+            name, _, version = uri.removeprefix("models:/").partition("/")
+            try:
+                MlflowClient(tracking_uri=source.tracking_uri).get_model_version(name, version)
+            except Exception as err:  # MLflow raises its own exception types
+                raise ConfigError(f"{field}: {uri} is not a registered model version ({err})") from None
+        elif not Path(uri).exists():
+            raise ConfigError(f"{field}: {uri} does not exist")
+
+
 def load_served_model(source: ModelSource, astra: AstraConfig) -> tuple[AstraTransformer, AstraConfig]:
     """(the model in eval mode, the AstraConfig with the checkpoint's own architecture)."""
     dtype = getattr(torch, source.dtype)
