@@ -95,3 +95,10 @@ def test_derive_revalidates_the_whole_config():
     )  # unchecked
     with pytest.raises(ConfigError, match=r"did you mean 'sampler\.num_steps'"):
         derive(tiny, ["sampler.num_step=3"])
+
+
+def test_a_key_with_no_near_match_lists_the_section():
+    from astra.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: .*the fields here are lr, betas"):
+        load_train_config(None, ["preset=tiny", "optim.learning_rate=1e-3"])

@@ -423,9 +423,12 @@ def _format_validation_error(err: ValidationError, model_cls: type[BaseModel] | 
         msg = e["msg"]
         if e["type"] == "extra_forbidden" and model_cls is not None:
             # a typo'd key: name the nearest real field at the same place
-            near = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(model_cls, e["loc"]), n=1)
+            fields = _fields_at(model_cls, e["loc"])
+            near = difflib.get_close_matches(str(e["loc"][-1]), fields, n=1)
             if near:
                 msg += f"; did you mean '{'.'.join([*map(str, e['loc'][:-1]), near[0]])}'?"
+            elif fields:  # nothing close: say what the section has
+                msg += f"; the fields here are {', '.join(fields)}"
         lines.append(f"{loc}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -97,6 +97,12 @@ def quiet_ray_logs() -> None:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Ray Train's per-report INFO line ("Reporting training result N: ...") logs under its file path
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: only the noise stays
+        pass
 
 
 @dataclass(frozen=True)
