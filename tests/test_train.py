@@ -271,3 +271,17 @@ def test_train_job_submitted_to_a_head_node(train_store, tmp_path, ray_head):
     assert job.returncode == 0, out[-4000:]
     assert "step 4/4: loss" in out and "trained astra-train to step 4" in out
     assert "adapter: models:/astra-adapter/" in out and "frozen weights bitwise unchanged: true" in out
+
+
+def test_wan_weights_of_another_architecture_are_named_before_any_worker(tmp_path):
+    from astra.config import preset
+
+    wan = build_wan(preset("tiny").model.backbone)
+    wan.save_pretrained(tmp_path / "wan")
+    config = _config(tmp_path, tmp_path / "runs", "init.kind=wan", f"init.path={tmp_path / 'wan'}",
+                     "astra.model.backbone.num_layers=3")  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"astra\.model\.backbone: does not match the Wan weights .*num_layers: 3 vs 2"
+    ):
+        check_model(config)
+    check_model(_config(tmp_path, tmp_path / "runs", "init.kind=wan", f"init.path={tmp_path / 'wan'}"))

@@ -92,6 +92,14 @@ class BackboneConfig(FrozenModel):
             "rope_max_seq_len": self.rope_max_seq_len,
         }
 
+    def differences(self, other: BackboneConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields (but the RoPE table length) where ``other`` differs: {field: (self's, other's)}."""
+        return {
+            k: (v, getattr(other, k))
+            for k, v in self.model_dump().items()
+            if getattr(other, k) != v and k != "rope_max_seq_len"
+        }
+
     @classmethod
     def from_wan_config(cls, cfg: Any) -> BackboneConfig:
         """Derive from a diffusers ``WanTransformer3DModel.config`` (T2V models only)."""

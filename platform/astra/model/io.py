@@ -104,10 +104,16 @@ def load_wan(
 # ----------------------------------------------------------------------------- Astra checkpoints
 
 
+#: always part of an adapter: the action statistics the model was trained with (buffers), even when a
+#: custom whitelist leaves the action encoder frozen — without them serving would not normalise
+ADAPTER_ALWAYS = (r"^action_encoder\.action_(mean|std|count)$",)
+
+
 def adapter_state_dict(
     model: AstraTransformer, patterns: tuple[str, ...] = TRAINABLE_PATTERNS
 ) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if is_trainable(k, patterns)}
+    keep = (*patterns, *ADAPTER_ALWAYS)
+    return {k: v for k, v in model.state_dict().items() if is_trainable(k, keep)}
 
 
 def save_astra(

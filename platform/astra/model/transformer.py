@@ -71,11 +71,7 @@ class AstraTransformer(nn.Module):
         if config is None:
             config = ModelConfig(backbone=derived)
         elif config.backbone != derived:
-            diff = {
-                k: (v, getattr(derived, k))
-                for k, v in config.backbone.model_dump().items()
-                if getattr(derived, k) != v and k != "rope_max_seq_len"
-            }
+            diff = config.backbone.differences(derived)
             if diff:
                 raise ConfigError(
                     "model.backbone does not match the Wan checkpoint (field: config vs checkpoint): "

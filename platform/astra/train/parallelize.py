@@ -15,12 +15,15 @@ With one worker and no process group it is the plain model (no FSDP), same code 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from astra.config import ConfigError
+from astra.config import BackboneConfig, ConfigError
 from astra.model import AstraTransformer, build_wan, load_wan, mark_trainable
 from astra.model.io import load_astra, load_wan_original, read_model_config
 from astra.train.config import TrainConfig
@@ -53,10 +56,19 @@ def meta_model(config: TrainConfig) -> AstraTransformer:
 def check_model(config: TrainConfig) -> int:
     """Before any worker starts: the initial weights exist and the trainable patterns select something.
     Returns the trainable parameter count (of the architecture, built on the meta device)."""
-    from pathlib import Path
-
     if config.init.kind != "random" and "://" not in config.init.path and not Path(config.init.path).exists():
         raise ConfigError(f"init.path: {config.init.path} does not exist (init.kind '{config.init.kind}')")
+    if config.init.kind == "wan" and Path(config.init.path).is_dir():  # the weights' own architecture
+        folder = Path(config.init.path)
+        folder = folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
+        if (folder / "config.json").is_file():
+            derived = BackboneConfig.from_wan_config(json.loads((folder / "config.json").read_text()))
+            diff = config.astra.model.backbone.differences(derived)
+            if diff:
+                raise ConfigError(
+                    "astra.model.backbone: does not match the Wan weights at init.path (config vs weights): "
+                    + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items())
+                )
     counts = mark_trainable(meta_model(config), config.trainable)
     if counts.trainable == 0:
         raise ConfigError(
