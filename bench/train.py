@@ -11,7 +11,7 @@ rank only costs time; MLflow, checkpoints at the end only). Ray gives a 1-CPU wo
 (OMP_NUM_THREADS), so the loop computes with one thread too: the ratio is the job's overhead. Both report the median step time after warm-up. Activation memory is the
 bytes autograd keeps for backward during one forward (``saved_tensors_hooks``), exact and
 machine-independent, with ``parallel.activation_checkpointing`` off and on; and the peak resident
-memory a training step adds, each variant in a fresh process (so the high-water mark is its own).
+memory a training step adds above the step before it, each variant in a fresh process.
 The last line is the ratio of steps per second, Ray Train / loop (goal >= 0.9).
 """
 
@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -106,16 +106,36 @@ def saved_activation_bytes(config, batch, checkpointing: bool) -> int:
 
 
 def _peak_step_memory(config, batch, checkpointing: bool, queue) -> None:
-    """In a fresh process: resident memory before one training step and its peak during the step."""
+    """In a fresh process: one warm-up step (lazy library set-up), then the resident memory before a
+    second step and its peak during it, sampled every millisecond. Large tensors are their own
+    mappings (see ``peak_step_memory``), returned to the system when freed, so the peak above the
+    start is the step's own."""
     model = initial_model(config).train()
     mark_trainable(model, config.trainable)
     model.gradient_checkpointing = checkpointing
     target, inputs = batch
-    before = resident_mib()
-    out = training_loss(model, target, inputs, config.astra.diffusion, config.astra.model.actions,
-                        torch.Generator().manual_seed(0))  # fmt: skip
-    out.loss.backward()
-    queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # KiB -> MiB
+
+    def step():
+        out = training_loss(model, target, inputs, config.astra.diffusion, config.astra.model.actions,
+                            torch.Generator().manual_seed(0))  # fmt: skip
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    before, peak, done = resident_mib(), 0.0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, resident_mib())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    step()
+    done.set()
+    sampler.join()
+    queue.put((before, peak))
 
 
 def resident_mib() -> float:
@@ -126,6 +146,9 @@ def resident_mib() -> float:
 def peak_step_memory(config, batch, checkpointing: bool) -> float:
     """MiB a training step adds to the process at its peak (a fresh process per variant, so the high-water
     mark is this step's)."""
+    # glibc keeps freed memory in its arenas (the warm-up step's would hide this step's): with a fixed
+    # 64 KiB mmap threshold every tensor of size is its own mapping, returned when freed
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_step_memory, args=(config, batch, checkpointing, queue))
