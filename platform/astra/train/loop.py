@@ -30,7 +30,7 @@ from astra.train.flops import peak_flops, train_step_flops
 from astra.train.objective import fixed_sigma_loss, training_loss
 from astra.train.parallelize import build, sharded
 from astra.train.samples import collate
-from astra.train.stream import Position, PromptCache, SampleStream, fixed_samples
+from astra.train.stream import Position, Prefetch, PromptCache, SampleStream, fixed_samples
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -112,7 +112,8 @@ class Worker:
 
             self.tracker = Tracker(config, run_id, tags)
         self.stream_obj = SampleStream(self._shard(), config, plan, self.rank, self.world, self.position)
-        self.stream = iter(self.stream_obj)
+        self.stream = Prefetch(iter(self.stream_obj), depth=2)
+        self.consumed = self.position  # the stream's position after the last batch trained on
         self.val = fixed_samples(config, plan, count=len(plan.val_ids))  # one per held-out clip
         self.prompts = PromptCache(self._store())
         self.peak = peak_flops(
@@ -135,9 +136,11 @@ class Worker:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        losses, flows, routers, usage, tokens, samples = [], [], [], [], 0, 0
+        losses, flows, routers, usage, tokens, samples, data_seconds = [], [], [], [], 0, 0, 0.0
         for micro in range(cfg.grad_accum):
-            target, inputs = next(self.stream)
+            waited = time.perf_counter()
+            target, inputs, self.consumed = next(self.stream)
+            data_seconds += time.perf_counter() - waited
             seed = int(np.random.SeedSequence((cfg.seed, self.rank, self.step, micro)).generate_state(1)[0])
             g = torch.Generator().manual_seed(seed)
             with self.autocast():
@@ -182,6 +185,7 @@ class Worker:
             "tokens_per_s": tokens * self.world / seconds,
             "peak_memory_gib": _peak_memory_gib(self.device),
             "step_seconds": seconds,
+            "data_wait_seconds": data_seconds,  # of which waiting for the next batch
         }
         if self.peak:
             metrics["mfu"] = flops / seconds / self.peak
@@ -277,7 +281,7 @@ class Worker:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def stream_position(self) -> dict:
-        return self.stream_obj.position.to_dict()
+        return self.consumed.to_dict()
 
     def export(self, folder: Path) -> Path | None:
         """The consolidated adapter (safetensors + config) on rank 0 (a collective on every rank)."""

@@ -10,6 +10,8 @@ interrupted run stopped.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,40 @@ class Position:
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches}
+
+
+class Prefetch:
+    """Builds the next ``depth`` batches in a background thread while the current one trains (reading
+    shards, decoding records, packing): the step waits only when the data is slower than the model.
+    The order is the stream's own (one producer), and each item carries the position *after* it, so
+    a checkpoint records what was trained, not what was prefetched. An error in the producer is raised
+    in the consumer."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._produce, args=(items,), daemon=True)
+        self.thread.start()
+
+    def _produce(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                self.queue.put(item)
+        except BaseException as err:  # handed to the consumer
+            self.queue.put(err)
+        self.queue.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 class PromptCache:
@@ -83,7 +119,8 @@ class SampleStream:
             if sample is not None:
                 yield sample
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, object]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, object, Position]]:
+        """(target latents, ChunkInputs, the stream's position once this batch is consumed)."""
         empty = 0  # consecutive epochs that filled no batch
         while True:
             rng = np.random.default_rng((self.config.seed, self.rank, self.position.epoch))
@@ -98,7 +135,8 @@ class SampleStream:
                     self.position.batches += 1
                     continue
                 self.position.batches += 1
-                yield collate(batch, self.prompts.get([s.prompt_key for s in batch]), self.config)
+                target, inputs = collate(batch, self.prompts.get([s.prompt_key for s in batch]), self.config)
+                yield target, inputs, Position(self.position.epoch, self.position.batches)
             # leftovers of an epoch are dropped (their shapes never filled a batch)
             empty = empty + 1 if self.position.batches + self._skip == batches_before else 0
             if empty >= EMPTY_EPOCHS:  # the other ranks would wait for this one forever
