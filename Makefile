@@ -1,39 +1,49 @@
-# Developer entry points. `make install` builds .venv; every other target uses it.
+# Developer entry points. Every target builds .venv first when it is missing or older than
+# pyproject.toml (the stamp file), so `make demo` and `make test` work on a fresh clone.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
 # On a CPU-only box install the CPU wheel of torch first; GPU users override TORCH_SPEC
 # (e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+$(STAMP): pyproject.toml | $(PY)
+	@echo "installing the project into $(VENV) (torch: $(TORCH_SPEC)); a few minutes, once"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The demo: synthetic worlds -> encode -> fine-tune -> evaluate -> serve (DEMO_FAST=1: a reduced run).
+demo: $(STAMP)
+	$(PY) jobs/demo.py $(DEMO_ARGS)
 
 # The README's test command. pytest exits 5 when nothing was collected: that is a failure here too.
-test:
+test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast:
+test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not ray" $(PYTEST_ARGS)
 
-lint:
+lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-bench:
+bench: $(STAMP)
 	$(PY) bench/encode.py
 	$(PY) bench/store.py
 	$(PY) bench/train.py
 	$(PY) bench/serve.py
 
-format:
+format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 

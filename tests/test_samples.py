@@ -130,3 +130,28 @@ def test_a_rank_whose_clips_never_fill_a_batch_fails_instead_of_hanging(tmp_path
         ValueError, match=rf"batch_size: worker 0's clips filled no batch of 2 .* in {EMPTY_EPOCHS}"
     ):
         next(iter(stream))
+
+
+def test_pretraining_samples_are_text_to_video_segments():
+    """stage=pretrain: a segment of target latents alone (no history, null actions), the Wan weights
+    trainable and Astra's additions frozen; the collated batch is what Wan itself sees."""
+    from astra.model.trainable import is_trainable
+
+    config = _config("stage=pretrain", "data.target_latents=5")
+    assert is_trainable("blocks.0.ffn.net.0.proj.weight", config.trainable)
+    assert is_trainable("patch_embedding.weight", config.trainable)
+    for key in ("blocks.1.moe.experts.0.weight", "blocks.0.projector.weight", "action_encoder.router.weight",
+                "clean_x_embedder.proj.weight"):  # fmt: skip
+        assert not is_trainable(key, config.trainable), key
+    rng = np.random.default_rng(2)
+    starts = set()
+    for _ in range(100):
+        s = draw_sample(_record(), config, rng)
+        assert s.num_history == 0 and s.target.shape[1] == 5 and not s.has_actions
+        starts.add(int(s.target[0, 0, 0, 0]))
+    assert starts == set(range(12 - 5 + 1))  # every start, the clip's first latent included
+    target, inputs = collate([s, s], {"p": torch.randn(3, 384)}, config)
+    assert target.shape == (2, 4, 5, 8, 8) and not inputs.history
+    assert draw_sample(_record(4), config, rng) is None  # shorter than the target
+    # an explicit whitelist still wins
+    assert _config("stage=pretrain", "trainable=['^proj_out']").trainable == ("^proj_out",)

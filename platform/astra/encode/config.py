@@ -192,6 +192,10 @@ ENCODE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# the demo world: as tiny, with the demo VAE (its trained weights come in vae.pretrained_path)
+ENCODE_PRESETS["demo"] = {**ENCODE_PRESETS["tiny"], "vae": PRESETS["demo"]["vae"]}
+
+
 def load_encode_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> EncodeConfig:
     return load_config(path, overrides, model_cls=EncodeConfig, presets=ENCODE_PRESETS)
 

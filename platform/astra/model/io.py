@@ -143,6 +143,17 @@ def save_astra(
     return path
 
 
+def save_wan(model: AstraTransformer, path: str | Path) -> Path:
+    """The model's Wan backbone (its diffusers-named weights) as a diffusers ``WanTransformer3DModel``
+    folder, as ``load_wan`` and ``init.kind=wan`` read it; Astra's additions are left out."""
+    wan = build_wan(model.config.backbone)
+    own = model.state_dict()
+    keys = [k for k in wan.state_dict() if not k.startswith("rope.")]  # RoPE tables are rebuilt
+    wan.load_state_dict({k: own[k].detach().cpu() for k in keys}, strict=False)
+    wan.save_pretrained(str(path))
+    return Path(path)
+
+
 def read_model_config(path: str | Path) -> ModelConfig:
     """The architecture an Astra checkpoint folder was saved with."""
     path = Path(path)

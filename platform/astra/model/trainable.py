@@ -22,6 +22,13 @@ TRAINABLE_PATTERNS: tuple[str, ...] = (
 )
 
 
+#: the Wan backbone's own weights — everything but Astra's additions: what ``stage=pretrain`` trains
+#: (plain text-to-video, the role Wan-2.1's pretraining plays for the real model)
+BACKBONE_PATTERNS: tuple[str, ...] = (
+    r"^(?!clean_x_embedder\.|action_encoder\.|blocks\.\d+\.(projector|moe)\.)",
+)
+
+
 def is_trainable(name: str, patterns: tuple[str, ...] = TRAINABLE_PATTERNS) -> bool:
     """Whether the parameter (or buffer) called ``name`` (a state-dict key of AstraTransformer) is
     fine-tuned: it matches one of ``patterns`` (regexes searched in the key)."""

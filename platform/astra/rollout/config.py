@@ -138,6 +138,9 @@ SERVE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+SERVE_PRESETS["demo"] = {**SERVE_PRESETS["tiny"], "astra": PRESETS["demo"]}
+
+
 def load_serve_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
     return load_config(path, overrides, model_cls=ServeConfig, presets=SERVE_PRESETS)
 

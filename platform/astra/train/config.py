@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from astra.config import PRESETS, AstraConfig, ConfigError, FrozenModel, load_config
 from astra.data.storage import StorageConfig, resolve
-from astra.model.trainable import TRAINABLE_PATTERNS
+from astra.model.trainable import BACKBONE_PATTERNS, TRAINABLE_PATTERNS
 from astra.runtime import RayConfig, resolve_local
 
 
@@ -162,6 +162,13 @@ class InitConfig(FrozenModel):
 
 
 class TrainConfig(FrozenModel):
+    stage: Literal["finetune", "pretrain"] = Field(
+        "finetune",
+        description="'finetune': Astra (packed history + actions, the adapter whitelist). 'pretrain': plain "
+        "text-to-video on clip segments of data.target_latents latents with no history and no actions — what "
+        "Wan-2.1 is to the real model; trains the Wan weights (trainable defaults to the backbone's own) "
+        "and exports a diffusers Wan folder that a fine-tuning run loads with init.kind=wan.",
+    )
     astra: AstraConfig = Field(default_factory=AstraConfig, description="Model, objective and sampler.")
     init: InitConfig = Field(default_factory=InitConfig, description="Starting weights.")
     trainable: tuple[str, ...] = Field(
@@ -196,6 +203,18 @@ class TrainConfig(FrozenModel):
     fail_at_step: int | None = Field(
         None, ge=1, description="Fault injection for tests: rank 1 (or 0) dies once at this step."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("stage") == "pretrain" and "trainable" not in data:
+            data = {**data, "trainable": BACKBONE_PATTERNS}
+        return data
+
+    @property
+    def history_latents(self) -> int:
+        """The fewest history latents a sample has: 0 when pretraining (text-to-video), else 1."""
+        return 0 if self.stage == "pretrain" else 1
 
     @property
     def target_latents(self) -> int:
@@ -232,6 +251,21 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "sample_every": 40,
         "data": {"val_clips": 2, "shuffle_buffer": 32},
     },
+}
+
+
+# the demo world (`make demo`): the demo model, fine-tuned in minutes on 2 CPU cores
+TRAIN_PRESETS["demo"] = {
+    "astra": PRESETS["demo"],
+    "optim": {"lr": 5e-4, "warmup_steps": 50, "weight_decay": 0.0},
+    "parallel": {"param_dtype": "float32"},
+    "checkpoint": {"every_steps": 250, "keep_last": 2},
+    "max_steps": 1000,
+    "batch_size": 8,
+    "log_every": 10,
+    "eval_every": 250,
+    "sample_every": 1000,
+    "data": {"val_clips": 8, "shuffle_buffer": 256},
 }
 
 

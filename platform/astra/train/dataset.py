@@ -82,12 +82,13 @@ def plan_data(config, world: int) -> DataPlan:
             f"astra.model.actions.modalities: the store has modalities {unknown}, not registered ({known})"
         )
     rows = _weighted(rows, d.weights, known, store)
-    need = config.target_latents + 1
+    need = config.target_latents + config.history_latents
     usable = [r for r in rows if r["num_latents"] >= need]
     if not usable:
         longest = max((r["num_latents"] for r in rows), default=0)
         raise ConfigError(
-            f"data.target_latents: a sample needs {need} latents (1 history + {config.target_latents} target) but "
+            f"data.target_latents: a sample needs {need} latents ({config.history_latents} history + "
+            f"{config.target_latents} target) but "
             f"the longest clip has {longest}; lower data.target_latents or encode longer clips"
         )
     longest = max(r["num_latents"] for r in usable)

@@ -21,7 +21,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from astra.model.io import save_astra
+from astra.model.io import save_astra, save_wan
 from astra.model.trainable import count_params, is_trainable
 from astra.train import checkpoint as ckpt
 from astra.train.config import TrainConfig
@@ -226,6 +226,8 @@ class Worker:
         from astra.rollout import RolloutSession, generate_chunk
 
         cfg, store = self.config, self._store()
+        if cfg.stage == "pretrain":  # no history, no actions: nothing to roll out
+            return None
         t = cfg.astra.model.framepack.target_frames
         record = None
         for cid in self.plan.val_ids:
@@ -284,7 +286,8 @@ class Worker:
         return self.consumed.to_dict()
 
     def export(self, folder: Path) -> Path | None:
-        """The consolidated adapter (safetensors + config) on rank 0 (a collective on every rank)."""
+        """The consolidated adapter (safetensors + config) on rank 0 — when pretraining, the backbone as a
+        diffusers Wan folder (a collective on every rank)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if dist.is_initialized():
@@ -303,6 +306,8 @@ class Worker:
                 torch.equal(initial[k], full_state[k].to(initial[k].dtype)) for k in frozen
             )
             self.full.load_state_dict(full_state)
+        if self.config.stage == "pretrain":
+            return save_wan(self.full, folder)
         return save_astra(self.full, folder, adapter_only=True, patterns=self.config.trainable)
 
 
@@ -337,7 +342,7 @@ def train_loop(loop_config: dict) -> None:
             worker.save_checkpoint(metrics)
         elif step % config.log_every == 0:
             ray.train.report(metrics)
-    exported = worker.export(scratch / "adapter")
+    exported = worker.export(scratch / export_name(config))
     if worker.rank == 0:
         unchanged = getattr(worker, "frozen_unchanged", None)
         if unchanged is not None:
@@ -345,11 +350,17 @@ def train_loop(loop_config: dict) -> None:
                 worker.tracker.run_id, "astra.frozen_unchanged", str(unchanged).lower()
             )
         worker.tracker.artifact(exported, "export")
-        uri = worker.tracker.register(exported) if config.tracking.register_as else None
+        register = config.tracking.register_as and config.stage == "finetune"  # an adapter to serve
+        uri = worker.tracker.register(exported) if register else None
         if uri:
             worker.tracker.client.set_tag(worker.tracker.run_id, "astra.registered_model", uri)
         worker.tracker.client.set_tag(worker.tracker.run_id, "astra.exported", "true")
         worker.tracker.finish()
+
+
+def export_name(config: TrainConfig) -> str:
+    """The exported folder's name under the run's ``export`` artifacts: ``runs:/<id>/export/<name>``."""
+    return "wan" if config.stage == "pretrain" else "adapter"
 
 
 def _exported(worker: Worker) -> bool:

@@ -46,10 +46,11 @@ class Progress(ray.train.UserCallback):
         done = step - self.first[1]
         eta = f"{(now - self.first[0]) / done * (self.max_steps - step):.0f} s" if done else "?"
         val = f", val {m['val_loss']:.4f}" if "val_loss" in m else ""
+        tokens = f", {m['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in m else ""
         saved = ", checkpoint" if checkpoint is not None else ""
         print(
             f"step {step}/{self.max_steps}: loss {m['loss']:.4f}{val}, lr {m['lr']:.2e}, "
-            f"{m['samples_per_s']:.2f} samples/s, {m['tokens_per_s']:.0f} tokens/s, ETA {eta}{saved}",
+            f"{m['samples_per_s']:.2f} samples/s{tokens}, ETA {eta}{saved}",
             flush=True,
         )
 
@@ -159,6 +160,11 @@ def describe(config: TrainConfig, result: ray.train.Result) -> str:
         lines.append(
             f"  MLflow run {run.info.run_id} ({config.tracking.tracking_uri or default_tracking_uri(config)})"
         )
+        from astra.train.loop import export_name
+
+        kind = "Wan backbone (diffusers folder)" if config.stage == "pretrain" else "adapter folder"
+        uri = f"runs:/{run.info.run_id}/export/{export_name(config)}"
+        lines.append(f"  {kind}: {uri} (mlflow artifacts download -u {uri})")
         if "astra.registered_model" in tags:
             lines.append(f"  adapter: {tags['astra.registered_model']}")
         if "astra.frozen_unchanged" in tags:

@@ -61,24 +61,27 @@ def history_length(max_latents: int, cfg: HistoryConfig, rng: np.random.Generato
 
 def draw_sample(record: LatentRecord, config: TrainConfig, rng: np.random.Generator) -> Sample | None:
     """A random segment of ``record``; None when the clip is shorter than one history latent plus the
-    target."""
+    target. Pretraining (``stage=pretrain``) draws segments of the target alone: no history."""
     num, target = record.latents.shape[1], config.target_latents
-    if num < target + 1:
+    if num < target + config.history_latents:
         return None
-    num_history = history_length(min(config.max_history, num - target), config.data.history, rng)
+    num_history = 0
+    if config.history_latents:
+        num_history = history_length(min(config.max_history, num - target), config.data.history, rng)
     start = int(rng.integers(0, num - target - num_history + 1))
     stop = start + num_history + target
     latents = record.latents[:, start:stop].float()
     raw_dim = config.astra.model.actions.modality(record.modality).raw_dim
     actions = torch.from_numpy(rest_rows(record.modality, raw_dim, num_history + target))
-    if record.has_actions:
+    has_actions = record.has_actions and num_history > 0  # pretraining: the null action throughout
+    if has_actions:
         actions[1:] = record.actions[start + 1 : stop].float()  # row 0: the segment's start, at rest
     return Sample(
         clip_id=record.clip_id,
         history=latents[:, :num_history],
         target=latents[:, num_history:],
         actions=actions,
-        has_actions=record.has_actions,
+        has_actions=has_actions,
         modality=record.modality,
         prompt_key=record.prompt_key,
     )

@@ -1,0 +1,307 @@
+"""The demo world end to end on one CPU box (``make demo``): data -> encode -> fine-tune -> evaluate
+-> serve -> a scripted HTTP rollout -> the web player.
+
+    python jobs/demo.py                 # the demo (about 15 minutes on 2 cores); Ctrl-C stops it
+    DEMO_FAST=1 python jobs/demo.py     # a reduced run (tests): a few clips, steps and cases
+    python jobs/demo.py --weights       # reproduce the committed weights in models/demo from scratch
+
+Every stage is one of the platform's own commands, run as a user would run it (its output is shown
+as it goes): ``python -m astra.data.synthetic``, ``jobs/encode.py``, ``jobs/train.py``,
+``jobs/evaluate.py``, and the Serve application of ``serving.app`` with the HTTP client of
+``serving.client``. The world model starts from the committed demo weights (``models/demo``: a VAE
+trained on the synthetic worlds, a Wan backbone pre-trained on them as plain video, the Astra
+adapter fine-tuned to follow actions); where they are missing, or with ``--weights``, they are
+trained here first (``jobs/train_vae.py``, ``jobs/train.py stage=pretrain``, ``jobs/train.py``).
+Outputs land in ``runs/demo`` (``DEMO_DIR``): ``rollout.mp4``, ``eval/report.md`` and MLflow runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT))
+
+WEIGHTS = ROOT / "models" / "demo"  # vae/ (diffusers), wan/ (diffusers), astra/ (adapter)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each stage is (full demo, ``DEMO_FAST=1``, and ``--weights``)."""
+
+    clips: int
+    vae_steps: int
+    pretrain_steps: int
+    finetune_steps: int
+    cases: int
+    drift_cases: int
+    drift_chunks: int
+    rollout_chunks: int
+
+
+FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
+            drift_chunks=10, rollout_chunks=6)  # fmt: skip
+FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
+            drift_chunks=2, rollout_chunks=2)  # fmt: skip
+# the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
+WEIGHTS_PLAN = Plan(clips=1200, vae_steps=1500, pretrain_steps=1500, finetune_steps=2500, cases=60,
+                    drift_cases=8, drift_chunks=10, rollout_chunks=6)  # fmt: skip
+
+
+class Demo:
+    def __init__(self, out: Path, plan: Plan, from_scratch: bool):
+        self.out, self.plan, self.start = out, plan, time.monotonic()
+        self.from_scratch = from_scratch or not (WEIGHTS / "astra").is_dir()
+        self.py = sys.executable
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
+                        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")  # fmt: skip
+        self.env.setdefault("RAY_AUTH_MODE", "disabled")  # an in-process Ray of this machine only
+
+    # ------------------------------------------------------------------ helpers
+
+    def stage(self, name: str) -> None:
+        print(f"\n== [{time.monotonic() - self.start:5.0f} s] {name}", flush=True)
+
+    def run(self, *args: str) -> str:
+        """Run a command of the platform, showing its output as it goes; its output, or exit on failure."""
+        print("$ " + " ".join(args), flush=True)
+        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)  # fmt: skip
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Token authentication" not in line:
+                print("  " + line, end="", flush=True)
+        if proc.wait() != 0:
+            sys.exit(f"demo: `{' '.join(args[:3])} ...` failed (exit {proc.returncode}); its output is above")
+        return "".join(lines)
+
+    def download(self, text: str, kind: str, tracking: str, into: Path) -> Path:
+        """The ``runs:/<id>/export/<kind>`` folder a job printed, downloaded into ``into``."""
+        import mlflow
+
+        found = re.findall(rf"(runs:/\w+/export/{kind})", text)
+        if not found:
+            sys.exit(f"demo: the job printed no runs:/.../export/{kind}")
+        mlflow.set_tracking_uri(tracking)
+        if into.exists():
+            shutil.rmtree(into)
+        into.parent.mkdir(parents=True, exist_ok=True)
+        got = Path(mlflow.artifacts.download_artifacts(found[-1], dst_path=str(into.parent)))
+        if got != into:
+            shutil.move(str(got), str(into))
+        return into
+
+    @staticmethod
+    def tracking(storage: Path, run_name: str) -> str:
+        return f"sqlite:///{storage / run_name / 'mlflow.db'}"
+
+    # ------------------------------------------------------------------ stages
+
+    def data(self) -> Path:
+        self.stage(
+            f"1. synthetic worlds: {self.plan.clips} clips (camera, driving, robot) with exact actions"
+        )
+        clips = self.out / "clips"
+        if (clips / "manifest.jsonl").is_file() and len(list(clips.glob("*.mp4"))) == self.plan.clips:
+            print(f"  {clips} already holds them")
+        else:
+            self.run(self.py, "-m", "astra.data.synthetic", "--out", str(clips), "--num-clips", str(self.plan.clips),
+                     "--modality", "mixed", "--size", "64x64", "--frames", "33", "--seed", "7")  # fmt: skip
+        return clips / "manifest.jsonl"
+
+    def vae(self, manifest: Path) -> Path:
+        if not self.from_scratch:
+            print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
+            return WEIGHTS / "vae"
+        self.stage(f"1b. train the VAE on the worlds ({self.plan.vae_steps} steps)")
+        storage = self.out / "vae"
+        text = self.run(self.py, "jobs/train_vae.py", "preset=demo", f"manifest={manifest}", f"storage_path={storage}",
+                        f"max_steps={self.plan.vae_steps}", "run_name=demo-vae")  # fmt: skip
+        return self.download(text, "vae", self.tracking(storage, "demo-vae"), self.out / "weights" / "vae")
+
+    def encode(self, manifest: Path, vae: Path) -> Path:
+        self.stage("2. encode the clips into the latent store (Ray Data, the VAE)")
+        store = self.out / "store"
+        self.run(self.py, "jobs/encode.py", "preset=demo", f"manifest={manifest}", f"store.uri={store}",
+                 f"vae.pretrained_path={vae}")  # fmt: skip
+        return store
+
+    def pretrain(self, store: Path, vae: Path) -> Path:
+        if not self.from_scratch:
+            print(f"  the backbone: {WEIGHTS / 'wan'} (pre-trained on these worlds as plain video)")
+            return WEIGHTS / "wan"
+        self.stage(
+            f"2b. pre-train the Wan backbone as plain text-to-video ({self.plan.pretrain_steps} steps)"
+        )
+        storage = self.out / "train"
+        text = self.run(self.py, "jobs/train.py", "preset=demo", "stage=pretrain", f"data.store.uri={store}",
+                        f"storage_path={storage}", "run_name=demo-pretrain", f"astra.vae.pretrained_path={vae}",
+                        "data.target_latents=5", f"max_steps={self.plan.pretrain_steps}")  # fmt: skip
+        return self.download(
+            text, "wan", self.tracking(storage, "demo-pretrain"), self.out / "weights" / "wan"
+        )
+
+    def finetune(self, store: Path, vae: Path, wan: Path) -> Path:
+        start = "from the Wan backbone" if self.from_scratch else f"continuing {WEIGHTS / 'astra'}"
+        self.stage(f"3. fine-tune Astra on the store ({self.plan.finetune_steps} steps, {start})")
+        storage = self.out / "train"
+        init = ["init.kind=wan", f"init.path={wan}"]
+        if not self.from_scratch:
+            init = ["init.kind=astra", f"init.path={WEIGHTS / 'astra'}", f"init.base={wan}"]
+        text = self.run(self.py, "jobs/train.py", "preset=demo", *init, f"data.store.uri={store}",
+                        f"storage_path={storage}", "run_name=demo-finetune", f"astra.vae.pretrained_path={vae}",
+                        f"max_steps={self.plan.finetune_steps}", "tracking.register_as=astra-demo")  # fmt: skip
+        return self.download(
+            text, "adapter", self.tracking(storage, "demo-finetune"), self.out / "weights" / "astra"
+        )
+
+    def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path) -> Path:
+        p = self.plan
+        self.stage(
+            f"4. evaluate on held-out worlds ({p.cases} cases per modality, {p.drift_chunks}-chunk drift)"
+        )
+        report = self.out / "eval"
+        self.run(self.py, "jobs/evaluate.py", "preset=demo", f"models.model.uri={adapter}", f"models.model.base={wan}",
+                 f"astra.vae.pretrained_path={vae}", f"train_store.uri={store}", f"report_dir={report}",
+                 f"cases={p.cases}", f"drift_cases={p.drift_cases}", f"drift_chunks={p.drift_chunks}")  # fmt: skip
+        return report / "report.md"
+
+    def serve(self, vae: Path, wan: Path, adapter: Path, port: int) -> str:
+        self.stage("5. serve the model over HTTP (Ray Serve)")
+        import ray
+        from ray import serve
+
+        from serving.app import build
+        from serving.client import wait_ready
+
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith(("RAY_", "HF_", "MLFLOW_"))})
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")  # fmt: skip
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = {"preset": "demo", "model.uri": str(adapter), "model.base": str(wan),
+                "astra.vae.pretrained_path": str(vae), "sessions.uri": str(self.out / "sessions")}  # fmt: skip
+        serve.run(build(args), name="astra", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout_s=300)
+        return url
+
+    def rollout(self, url: str) -> Path:
+        """A scripted rollout through the HTTP API: a held-out camera world, walk and turn."""
+        self.stage(f"6. a scripted rollout over HTTP ({self.plan.rollout_chunks} chunks) -> rollout.mp4")
+        import httpx
+        from PIL import Image
+
+        from astra.data.synthetic import initial_state, make_world, prompt_of, render
+
+        world = make_world("camera", 424242, dt=1 / 16)
+        png = io.BytesIO()
+        Image.fromarray(render(world, initial_state(world), (64, 64))).save(png, format="PNG")
+        body = {"prompt": prompt_of(world), "modality": "camera", "seed": 0,
+                "image_base64": base64.b64encode(png.getvalue()).decode()}  # fmt: skip
+        r = httpx.post(f"{url}/v1/sessions", json=body, timeout=120)
+        r.raise_for_status()
+        sid = r.json()["session_id"]
+        chunk = httpx.get(f"{url}/v1/config", timeout=30).json()["chunk_latents"]
+        script = [["W"], ["W", "ArrowLeft"], ["W"], ["W", "ArrowRight"], ["S"], ["ArrowLeft"]]
+        for k in range(self.plan.rollout_chunks):
+            keys = script[k % len(script)]
+            step = httpx.post(f"{url}/v1/sessions/{sid}/step", json={"keys": [{"keys": keys, "frames": chunk}], "stream": False},
+                              timeout=300)  # fmt: skip
+            step.raise_for_status()
+            print(
+                f"  chunk {k + 1}: keys {'+'.join(keys)} -> {len(step.json()['frames'])} frames", flush=True
+            )
+        video = httpx.get(f"{url}/v1/sessions/{sid}/video", timeout=300)
+        video.raise_for_status()
+        path = self.out / "rollout.mp4"
+        path.write_bytes(video.content)
+        return path
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def install_weights(out: Path) -> None:
+    """Copy what ``--weights`` trained into models/demo (the committed weights)."""
+    for name in ("vae", "wan", "astra"):
+        target = WEIGHTS / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(out / "weights" / name, target)
+    print(f"weights written to {WEIGHTS}: {', '.join(sorted(p.name for p in WEIGHTS.iterdir()))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("DEMO_DIR", "runs/demo"), help="output folder")
+    parser.add_argument(
+        "--weights", action="store_true", help="train the demo weights from scratch into models/demo"
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")), help="HTTP port"
+    )
+    parser.add_argument("--no-wait", action="store_true", help="stop after the rollout (tests)")
+    args = parser.parse_args(argv)
+    fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
+    plan = WEIGHTS_PLAN if args.weights else FAST if fast else FULL
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(out, plan, from_scratch=args.weights)
+    if demo.from_scratch and plan is FULL:  # no committed weights: train them as --weights does
+        print(f"note: no weights in {WEIGHTS}; training them from scratch first (see models/demo/README.md)")
+        demo.plan = WEIGHTS_PLAN
+    manifest = demo.data()
+    vae = demo.vae(manifest)
+    store = demo.encode(manifest, vae)
+    wan = demo.pretrain(store, vae)
+    adapter = demo.finetune(store, vae, wan)
+    if args.weights:
+        install_weights(out)
+    report = demo.evaluate(store, vae, wan, adapter)
+    url = demo.serve(vae, wan, adapter, free_port(args.port))
+    try:
+        video = demo.rollout(url)
+        demo.stage("done")
+        print(f"  rollout video:     {video}\n  evaluation report: {report}\n  MLflow:            mlflow ui "
+              f"--backend-store-uri {Demo.tracking(out / 'train', 'demo-finetune')}")  # fmt: skip
+        print(f"  web player:        {url}/   (Ctrl-C stops everything)", flush=True)
+        if not args.no_wait:
+            signal.pause() if hasattr(signal, "pause") else time.sleep(10**9)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        print("stopped: Serve and the local Ray are shut down", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

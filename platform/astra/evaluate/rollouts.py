@@ -1,0 +1,133 @@
+"""Rolling a model out on evaluation cases (what each Ray task of the evaluation job runs).
+
+A case is rolled out exactly as a serving session is: the start frame VAE-encoded to one latent,
+the world's prompt embedded, then ``generate_chunk`` per chunk under the commanded latent action
+rows, and every latent decoded in one pass. The session's noise seed is a function of the case
+alone, so every row of the table sees the same noise (a paired comparison).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from astra.config import derive
+from astra.evaluate.cases import Case, make_case
+from astra.evaluate.config import EvalConfig, RowConfig
+from astra.evaluate.metrics import nearest, psnr, ssim
+
+
+@dataclass(frozen=True)
+class Job:
+    row: str  # RowConfig.name
+    modality: str
+    index: int
+    kind: str  # "accuracy" (chunks, with distractors) or "drift" (drift_chunks, commanded only)
+
+
+@dataclass
+class CaseResult:
+    row: str
+    modality: str
+    case_id: str
+    kind: str
+    correct: bool | None = None
+    distances: list[float] = field(default_factory=list)  # to [commanded, distractors...]
+    chunk_psnr: list[float] = field(default_factory=list)
+    chunk_ssim: list[float] = field(default_factory=list)
+    vae_psnr: list[float] = field(default_factory=list)  # the ground truth through the VAE: a ceiling
+    preview: np.ndarray | None = None  # (2, F, H, W, 3): generated over commanded truth (first cases)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("preview")
+        return d
+
+
+def case_seed(case_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:4], "little")
+
+
+class Evaluator:
+    """Models (loaded once), the VAE and the text encoder of one task."""
+
+    def __init__(self, config: EvalConfig):
+        from astra.model.text import build_text_encoder
+        from astra.model.vae import WanVAE
+
+        self.config = config
+        self.vae = WanVAE.from_config(config.astra.vae).eval()
+        self.text = build_text_encoder(config.text_encoder)
+        self.models: dict[str, tuple] = {}
+        self.rows = {r.name: r for r in config.rows}
+
+    def model(self, name: str):
+        if name not in self.models:
+            from astra.rollout.weights import load_served_model
+
+            self.models[name] = load_served_model(self.config.models[name], self.config.astra)
+        return self.models[name]
+
+    def target_frames(self, row: RowConfig) -> int:
+        return self.model(row.model)[1].model.framepack.target_frames
+
+    @torch.no_grad()
+    def rollout(self, row: RowConfig, case: Case, chunks: int) -> np.ndarray:
+        """The generated frames (1 + 4 * chunks * T, H, W, 3) uint8 of ``case`` under ``row``."""
+        from astra.model.vae import frames_to_video, video_to_frames
+        from astra.rollout import RolloutSession, generate_chunk
+
+        model, astra = self.model(row.model)
+        sampler = {k: v for k, v in (("action_guidance", row.action_guidance), ("num_steps", row.num_steps))
+                   if v is not None}  # fmt: skip
+        if sampler:
+            astra = derive(astra, {"sampler": sampler})
+        t = astra.model.framepack.target_frames
+        start = self.vae.encode(frames_to_video(torch.from_numpy(case.truths[0][None, :1])))[0]
+        prompt = self.text.encode([case.prompt])[0]
+        raw_dim = astra.model.actions.modality(case.modality).raw_dim
+        session = RolloutSession.start(
+            case.case_id, case.modality, start, prompt, raw_dim, case_seed(case.case_id)
+        )
+        rows = torch.from_numpy(case.rows)
+        for k in range(chunks):
+            session, _ = generate_chunk(model, session, rows[1 + k * t : 1 + (k + 1) * t], astra)
+        return video_to_frames(self.vae.decode(session.history[None]))[0].numpy()
+
+    def run(self, job: Job, preview: bool = False) -> CaseResult:
+        c, row = self.config, self.rows[job.row]
+        t = self.target_frames(row)
+        chunks = c.chunks if job.kind == "accuracy" else c.drift_chunks
+        distractors = c.distractors if job.kind == "accuracy" else 0
+        case = make_case(job.modality, job.index, c.seed, chunks * t, distractors, (c.height, c.width), c.fps)
+        generated = self.rollout(row, case, chunks)
+        truth = case.truths[0]
+        result = CaseResult(job.row, job.modality, case.case_id, job.kind)
+        if job.kind == "accuracy":
+            best, result.distances = nearest(generated, case.truths)
+            result.correct = best == 0
+        else:
+            from astra.model.vae import frames_to_video, video_to_frames
+
+            with torch.no_grad():  # the best a model can do through this VAE
+                recon = self.vae.decode(self.vae.encode(frames_to_video(torch.from_numpy(truth[None]))))
+            recon = video_to_frames(recon)[0].numpy()
+            per = 4 * t
+            for k in range(chunks):
+                part = slice(1 + k * per, 1 + (k + 1) * per)
+                result.chunk_psnr.append(psnr(generated[part], truth[part]))
+                result.chunk_ssim.append(ssim(generated[part], truth[part]))
+                result.vae_psnr.append(psnr(recon[part], truth[part]))
+        if preview:
+            result.preview = np.stack([generated, truth])
+        return result
+
+
+def run_jobs(config: EvalConfig, jobs: list[tuple[Job, bool]]) -> list[CaseResult]:
+    """One task's share: (job, keep a preview) pairs -> results."""
+    torch.set_num_threads(config.threads_per_task)
+    evaluator = Evaluator(config)
+    return [evaluator.run(job, preview) for job, preview in jobs]
