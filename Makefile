@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo demo-weights test test-fast lint format bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 # The demo: synthetic worlds -> encode -> fine-tune -> evaluate -> serve (DEMO_FAST=1: a reduced run).
 demo: $(STAMP)
 	$(PY) jobs/demo.py $(DEMO_ARGS)
+
+# Re-train the committed demo weights (models/demo) from scratch: VAE, backbone, Astra adapter.
+demo-weights: $(STAMP)
+	$(PY) jobs/demo.py --weights $(DEMO_ARGS)
 
 # The README's test command. pytest exits 5 when nothing was collected: that is a failure here too.
 test: $(STAMP)

@@ -50,12 +50,13 @@ class Plan:
     drift_cases: int
     drift_chunks: int
     rollout_chunks: int
+    small: tuple[str, ...] = ()  # overrides of the training jobs for a handful of clips
 
 
 FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
             drift_chunks=10, rollout_chunks=6)  # fmt: skip
 FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
-            drift_chunks=2, rollout_chunks=2)  # fmt: skip
+            drift_chunks=2, rollout_chunks=2, small=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
 WEIGHTS_PLAN = Plan(clips=1200, vae_steps=1500, pretrain_steps=1500, finetune_steps=2500, cases=60,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6)  # fmt: skip
@@ -105,6 +106,10 @@ class Demo:
             shutil.move(str(got), str(into))
         return into
 
+    def train_small(self) -> list[str]:
+        """``small`` for the training job, whose validation setting lives under ``data``."""
+        return [("data." + o) if o.startswith("val_clips") else o for o in self.plan.small]
+
     @staticmethod
     def tracking(storage: Path, run_name: str) -> str:
         return f"sqlite:///{storage / run_name / 'mlflow.db'}"
@@ -130,7 +135,7 @@ class Demo:
         self.stage(f"1b. train the VAE on the worlds ({self.plan.vae_steps} steps)")
         storage = self.out / "vae"
         text = self.run(self.py, "jobs/train_vae.py", "preset=demo", f"manifest={manifest}", f"storage_path={storage}",
-                        f"max_steps={self.plan.vae_steps}", "run_name=demo-vae")  # fmt: skip
+                        f"max_steps={self.plan.vae_steps}", "run_name=demo-vae", *self.plan.small)  # fmt: skip
         return self.download(text, "vae", self.tracking(storage, "demo-vae"), self.out / "weights" / "vae")
 
     def encode(self, manifest: Path, vae: Path) -> Path:
@@ -150,12 +155,13 @@ class Demo:
         storage = self.out / "train"
         text = self.run(self.py, "jobs/train.py", "preset=demo", "stage=pretrain", f"data.store.uri={store}",
                         f"storage_path={storage}", "run_name=demo-pretrain", f"astra.vae.pretrained_path={vae}",
-                        "data.target_latents=5", f"max_steps={self.plan.pretrain_steps}")  # fmt: skip
+                        "data.target_latents=5", f"max_steps={self.plan.pretrain_steps}", *self.train_small())  # fmt: skip
         return self.download(
             text, "wan", self.tracking(storage, "demo-pretrain"), self.out / "weights" / "wan"
         )
 
-    def finetune(self, store: Path, vae: Path, wan: Path) -> Path:
+    def finetune(self, store: Path, vae: Path, wan: Path) -> tuple[Path, str]:
+        """(the exported adapter folder, its registered version models:/astra-demo/N)."""
         start = "from the Wan backbone" if self.from_scratch else f"continuing {WEIGHTS / 'astra'}"
         self.stage(f"3. fine-tune Astra on the store ({self.plan.finetune_steps} steps, {start})")
         storage = self.out / "train"
@@ -164,10 +170,14 @@ class Demo:
             init = ["init.kind=astra", f"init.path={WEIGHTS / 'astra'}", f"init.base={wan}"]
         text = self.run(self.py, "jobs/train.py", "preset=demo", *init, f"data.store.uri={store}",
                         f"storage_path={storage}", "run_name=demo-finetune", f"astra.vae.pretrained_path={vae}",
-                        f"max_steps={self.plan.finetune_steps}", "tracking.register_as=astra-demo")  # fmt: skip
-        return self.download(
+                        f"max_steps={self.plan.finetune_steps}", "tracking.register_as=astra-demo", *self.train_small())  # fmt: skip
+        registered = re.findall(r"adapter: (models:/astra-demo/\d+)", text)
+        if not registered:
+            sys.exit("demo: the fine-tuning job registered no model version")
+        folder = self.download(
             text, "adapter", self.tracking(storage, "demo-finetune"), self.out / "weights" / "astra"
         )
+        return folder, registered[-1]
 
     def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path) -> Path:
         p = self.plan
@@ -180,8 +190,9 @@ class Demo:
                  f"cases={p.cases}", f"drift_cases={p.drift_cases}", f"drift_chunks={p.drift_chunks}")  # fmt: skip
         return report / "report.md"
 
-    def serve(self, vae: Path, wan: Path, adapter: Path, port: int) -> str:
-        self.stage("5. serve the model over HTTP (Ray Serve)")
+    def serve(self, vae: Path, wan: Path, registered: str, port: int) -> str:
+        """The registered adapter version (MLflow's registry, as a cluster would serve it) behind HTTP."""
+        self.stage(f"5. serve {registered} over HTTP (Ray Serve)")
         import ray
         from ray import serve
 
@@ -192,7 +203,9 @@ class Demo:
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING")  # fmt: skip
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {"preset": "demo", "model.uri": str(adapter), "model.base": str(wan),
+        tracking = self.tracking(self.out / "train", "demo-finetune")
+        args = {"preset": "demo", "model.uri": registered, "model.tracking_uri": tracking, "model.base": str(wan),
+                "model.cache_dir": str(self.out / "serve-cache"),
                 "astra.vae.pretrained_path": str(vae), "sessions.uri": str(self.out / "sessions")}  # fmt: skip
         serve.run(build(args), name="astra", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -243,14 +256,14 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-def install_weights(out: Path) -> None:
-    """Copy what ``--weights`` trained into models/demo (the committed weights)."""
+def install_weights(out: Path, into: Path) -> None:
+    """Copy what ``--weights`` trained into ``into`` (models/demo: the committed weights)."""
     for name in ("vae", "wan", "astra"):
-        target = WEIGHTS / name
+        target = into / name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(out / "weights" / name, target)
-    print(f"weights written to {WEIGHTS}: {', '.join(sorted(p.name for p in WEIGHTS.iterdir()))}")
+    print(f"weights written to {into}: vae/, wan/, astra/")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port", type=int, default=int(os.environ.get("DEMO_PORT", "8000")), help="HTTP port"
     )
+    parser.add_argument("--weights-dir", default=str(WEIGHTS), help="where --weights writes them")
     parser.add_argument("--no-wait", action="store_true", help="stop after the rollout (tests)")
     args = parser.parse_args(argv)
     fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
-    plan = WEIGHTS_PLAN if args.weights else FAST if fast else FULL
+    plan = FAST if fast else WEIGHTS_PLAN if args.weights else FULL
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     demo = Demo(out, plan, from_scratch=args.weights)
@@ -278,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     vae = demo.vae(manifest)
     store = demo.encode(manifest, vae)
     wan = demo.pretrain(store, vae)
-    adapter = demo.finetune(store, vae, wan)
+    adapter, registered = demo.finetune(store, vae, wan)
     if args.weights:
-        install_weights(out)
+        install_weights(out, Path(args.weights_dir).resolve())
     report = demo.evaluate(store, vae, wan, adapter)
-    url = demo.serve(vae, wan, adapter, free_port(args.port))
+    url = demo.serve(vae, wan, registered, free_port(args.port))
     try:
         video = demo.rollout(url)
         demo.stage("done")

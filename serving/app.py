@@ -46,7 +46,13 @@ def absolute_paths(config: ServeConfig) -> ServeConfig:
     return derive(config, changes)
 
 
-def build(args: dict[str, Any], check_sources: bool = True) -> Application:
+def build(args: dict[str, Any]) -> Application:
+    """``serve run serving.app:build key=value ...`` / ``import_path: serving.app:build``: Serve calls an
+    application builder with exactly one argument, the args dictionary (it refuses any other signature)."""
+    return build_app(args)
+
+
+def build_app(args: dict[str, Any], check_sources: bool = True) -> Application:
     """The application for a config given as Serve ``args`` (see ``serve_config_from_args``); the
     weights are checked to exist first (``check_sources``)."""
     config = absolute_paths(serve_config_from_args(args))

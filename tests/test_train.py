@@ -245,6 +245,18 @@ def _train_job(*args: str) -> subprocess.CompletedProcess:
         (["trainable=[nothing_matches_this]"], "trainable: the patterns"),
         (["data.history.max_latents=40"], "data.history.max_latents: 40 history"),
         (["data.target_latents=12"], "data.target_latents: a sample needs 13 latents"),
+        (
+            ["astra.model.backbone.text_dim=4096"],
+            "astra.model.backbone.text_dim: the store's prompt embeddings are 384-d",
+        ),
+        (
+            [
+                "astra.vae.z_dim=16",
+                "astra.model.backbone.in_channels=16",
+                "astra.model.backbone.out_channels=16",
+            ],
+            "astra.model.backbone.in_channels: the store's latents have 4 channels",
+        ),
     ],
 )
 def test_bad_config_is_named_before_any_worker_starts(train_store, tmp_path, args, message):

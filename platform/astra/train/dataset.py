@@ -56,6 +56,32 @@ def clip_hash(clip_id: str) -> int:
     return int(hashlib.sha256(clip_id.encode()).hexdigest()[:12], 16)
 
 
+def check_fits(config, store: LatentStore, clip_id: str, encode_hash: str) -> None:
+    """One stored clip against the model: latent channels, a latent size the patch divides, and
+    prompt embeddings of the backbone's text width (a mismatch would otherwise fail in every worker)."""
+    from astra.config import ConfigError
+
+    record = store.get(clip_id, encode_hash)
+    bb = config.astra.model.backbone
+    c, _, h, w = record.latents.shape
+    if c != bb.in_channels:
+        raise ConfigError(
+            f"astra.model.backbone.in_channels: the store's latents have {c} channels ({record.vae_id}), "
+            f"the model takes {bb.in_channels}"
+        )
+    if h % bb.patch_size[1] or w % bb.patch_size[2]:
+        raise ConfigError(
+            f"astra.model.backbone.patch_size: {tuple(bb.patch_size)} does not divide the store's latents "
+            f"of {h}x{w}"
+        )
+    prompt = store.prompt_embeddings([record.prompt_key]).get(record.prompt_key)
+    if prompt is not None and prompt.shape[-1] != bb.text_dim:
+        raise ConfigError(
+            f"astra.model.backbone.text_dim: the store's prompt embeddings are {prompt.shape[-1]}-d, the model "
+            f"takes {bb.text_dim} (encode with the text encoder the model was built for)"
+        )
+
+
 def plan_data(config, world: int) -> DataPlan:
     """Check the store against the config and split it: ConfigError (naming the setting) for an
     empty or missing store, several generations without ``data.encode_hash``, unknown modalities,
@@ -97,6 +123,7 @@ def plan_data(config, world: int) -> DataPlan:
             f"data.history.max_latents: {d.history.max_latents} history + {config.target_latents} target latents "
             f"exceed the longest clip ({longest} latents)"
         )
+    check_fits(config, store, usable[0]["clip_id"], encode_hash)
     ranked = sorted(usable, key=lambda r: clip_hash(r["clip_id"]))
     val = ranked[: d.val_clips]
     train = ranked[d.val_clips :]

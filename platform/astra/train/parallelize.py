@@ -69,6 +69,15 @@ def check_model(config: TrainConfig) -> int:
                     "astra.model.backbone: does not match the Wan weights at init.path (config vs weights): "
                     + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items())
                 )
+    if config.init.kind == "astra" and Path(config.init.path).is_dir():
+        saved = read_model_config(config.init.path)
+        if saved != config.astra.model:
+            a, b = saved.model_dump(), config.astra.model.model_dump()
+            diff = sorted(k for k in a if a[k] != b[k])
+            raise ConfigError(
+                f"astra.model: differs from the Astra checkpoint at init.path in {diff}; the run would sample and "
+                "pack for one architecture and train another (use the checkpoint's settings)"
+            )
     counts = mark_trainable(meta_model(config), config.trainable)
     if counts.trainable == 0:
         raise ConfigError(

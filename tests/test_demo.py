@@ -1,0 +1,91 @@
+"""`make demo` end to end in its reduced mode (DEMO_FAST=1), and the committed demo weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from conftest import free_port
+from mlflow.tracking import MlflowClient
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "models" / "demo"
+FILES = {"vae": "diffusion_pytorch_model.safetensors", "wan": "diffusion_pytorch_model.safetensors",
+         "astra": "adapter.safetensors"}  # fmt: skip
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path):
+    """The documented command for the committed weights (`python jobs/demo.py --weights`), reduced:
+    VAE, pre-training, fine-tuning, evaluation, serving and an HTTP rollout, all for real."""
+    out, weights = tmp_path / "demo", tmp_path / "weights"
+    env = dict(os.environ, DEMO_FAST="1")
+    job = subprocess.run(
+        [sys.executable, "jobs/demo.py", "--weights", "--weights-dir", str(weights), "--out", str(out),
+         "--no-wait", "--port", str(free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    for stage in ("1b. train the VAE", "2. encode", "2b. pre-train", "3. fine-tune", "4. evaluate", "5. serve",
+                  "6. a scripted rollout", "web player:"):  # fmt: skip
+        assert stage in log, stage
+
+    # the rollout came over HTTP as an MP4: 1 start frame + 2 chunks x 2 latents x 4 frames
+    with av.open(str(out / "rollout.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
+
+    # the evaluation report: a table row per ablation line, every modality, with case counts
+    report = (out / "eval" / "report.md").read_text()
+    for row in ("| full |", "| w/o AFG |", "| no actions |"):
+        assert row in report and "(n=2)" in report.split(row, 1)[1].split("\n", 1)[0]
+    assert (out / "eval" / "accuracy.png").stat().st_size > 1000
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {r["modality"] for r in results} == {"camera", "driving", "robot"}
+
+    # the fine-tuning run is in MLflow and registered its adapter
+    client = MlflowClient(f"sqlite:///{out / 'train' / 'demo-finetune' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("astra").experiment_id])
+    assert runs and runs[0].data.tags["astra.registered_model"].startswith("models:/astra-demo/")
+
+    # the reproduction wrote weights of the committed ones' shapes
+    for name, file in FILES.items():
+        assert _shapes(weights / name / file) == _shapes(WEIGHTS / name / file), name
+
+
+def test_committed_demo_weights_load_and_generate():
+    """models/demo holds a VAE, a Wan backbone and an Astra adapter that load as the jobs load them
+    and give a finite chunk (the demo starts from them)."""
+    from astra.config import VAEConfig, derive, preset
+    from astra.model.io import load_astra, read_model_config
+    from astra.model.vae import WanVAE
+    from astra.rollout import RolloutSession, generate_chunk
+
+    cfg = preset("demo")
+    vae = WanVAE.from_config(VAEConfig(pretrained_path=str(WEIGHTS / "vae")))
+    model = load_astra(WEIGHTS / "astra", base=WEIGHTS / "wan").eval()
+    assert read_model_config(WEIGHTS / "astra") == cfg.model
+    assert int(model.action_encoder.action_count.sum()) > 0  # trained with the store's statistics
+    frame = torch.zeros(1, 3, 1, 64, 64)
+    start = vae.encode(frame)[0]
+    assert start.shape == (cfg.model.backbone.in_channels, 1, 8, 8)
+    session = RolloutSession.start("s", "camera", start, torch.randn(5, 384), 12, seed=0)
+    cfg = derive(cfg, {"sampler": {"num_steps": 2}})
+    with torch.no_grad():
+        session, chunk = generate_chunk(model, session, torch.zeros(2, 12), cfg)
+        video = vae.decode(session.history[None])
+    assert torch.isfinite(chunk).all() and video.shape == (1, 3, 9, 64, 64)
