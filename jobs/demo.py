@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -50,16 +51,23 @@ class Plan:
     drift_cases: int
     drift_chunks: int
     rollout_chunks: int
-    small: tuple[str, ...] = ()  # overrides of the training jobs for a handful of clips
+    job_overrides: tuple[str, ...] = ()  # settings of the training jobs (few clips, CPUs per worker)
 
 
+CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
 FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
-            drift_chunks=10, rollout_chunks=6)  # fmt: skip
+            drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
 FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
-            drift_chunks=2, rollout_chunks=2, small=("batch_size=2", "val_clips=2"))  # fmt: skip
+            drift_chunks=2, rollout_chunks=2, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=1200, vae_steps=1500, pretrain_steps=1500, finetune_steps=2500, cases=60,
-                    drift_cases=8, drift_chunks=10, rollout_chunks=6)  # fmt: skip
+WEIGHTS_PLAN = Plan(clips=400, vae_steps=500, pretrain_steps=1200, finetune_steps=2000, cases=60,
+                    drift_cases=8, drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
+
+
+#: trained beside the full model by --weights, as rows of the ablation table (name -> training overrides)
+ABLATIONS = {
+    "w/o noise-as-mask": ("astra.diffusion.noise_as_mask_prob=0",),
+}
 
 
 class Demo:
@@ -106,9 +114,9 @@ class Demo:
             shutil.move(str(got), str(into))
         return into
 
-    def train_small(self) -> list[str]:
-        """``small`` for the training job, whose validation setting lives under ``data``."""
-        return [("data." + o) if o.startswith("val_clips") else o for o in self.plan.small]
+    def train_overrides(self) -> list[str]:
+        """``job_overrides`` for the training job, whose validation setting lives under ``data``."""
+        return [("data." + o) if o.startswith("val_clips") else o for o in self.plan.job_overrides]
 
     @staticmethod
     def tracking(storage: Path, run_name: str) -> str:
@@ -135,7 +143,7 @@ class Demo:
         self.stage(f"1b. train the VAE on the worlds ({self.plan.vae_steps} steps)")
         storage = self.out / "vae"
         text = self.run(self.py, "jobs/train_vae.py", "preset=demo", f"manifest={manifest}", f"storage_path={storage}",
-                        f"max_steps={self.plan.vae_steps}", "run_name=demo-vae", *self.plan.small)  # fmt: skip
+                        f"max_steps={self.plan.vae_steps}", "run_name=demo-vae", *self.plan.job_overrides)  # fmt: skip
         return self.download(text, "vae", self.tracking(storage, "demo-vae"), self.out / "weights" / "vae")
 
     def encode(self, manifest: Path, vae: Path) -> Path:
@@ -155,10 +163,25 @@ class Demo:
         storage = self.out / "train"
         text = self.run(self.py, "jobs/train.py", "preset=demo", "stage=pretrain", f"data.store.uri={store}",
                         f"storage_path={storage}", "run_name=demo-pretrain", f"astra.vae.pretrained_path={vae}",
-                        "data.target_latents=5", f"max_steps={self.plan.pretrain_steps}", *self.train_small())  # fmt: skip
+                        "data.target_latents=5", f"max_steps={self.plan.pretrain_steps}", *self.train_overrides())  # fmt: skip
         return self.download(
             text, "wan", self.tracking(storage, "demo-pretrain"), self.out / "weights" / "wan"
         )
+
+    def ablations(self, store: Path, vae: Path, wan: Path) -> dict[str, Path]:
+        """The ablation models (same data, steps and start as the full model, one change each)."""
+        out = {}
+        for i, (name, overrides) in enumerate(ABLATIONS.items()):
+            self.stage(f"3b. ablation '{name}': fine-tune with {' '.join(overrides)}")
+            storage, run = self.out / "train", f"demo-ablation-{i}"
+            text = self.run(self.py, "jobs/train.py", "preset=demo", "init.kind=wan", f"init.path={wan}",
+                            f"data.store.uri={store}", f"storage_path={storage}", f"run_name={run}",
+                            f"astra.vae.pretrained_path={vae}", f"max_steps={self.plan.finetune_steps}",
+                            "tracking.register_as=null", *self.train_overrides(), *overrides)  # fmt: skip
+            out[name] = self.download(
+                text, "adapter", self.tracking(storage, run), self.out / "weights" / f"ablation-{i}"
+            )
+        return out
 
     def finetune(self, store: Path, vae: Path, wan: Path) -> tuple[Path, str]:
         """(the exported adapter folder, its registered version models:/astra-demo/N)."""
@@ -170,7 +193,7 @@ class Demo:
             init = ["init.kind=astra", f"init.path={WEIGHTS / 'astra'}", f"init.base={wan}"]
         text = self.run(self.py, "jobs/train.py", "preset=demo", *init, f"data.store.uri={store}",
                         f"storage_path={storage}", "run_name=demo-finetune", f"astra.vae.pretrained_path={vae}",
-                        f"max_steps={self.plan.finetune_steps}", "tracking.register_as=astra-demo", *self.train_small())  # fmt: skip
+                        f"max_steps={self.plan.finetune_steps}", "tracking.register_as=astra-demo", *self.train_overrides())  # fmt: skip
         registered = re.findall(r"adapter: (models:/astra-demo/\d+)", text)
         if not registered:
             sys.exit("demo: the fine-tuning job registered no model version")
@@ -179,13 +202,20 @@ class Demo:
         )
         return folder, registered[-1]
 
-    def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path) -> Path:
+    def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path, ablations: dict[str, Path]) -> Path:
         p = self.plan
         self.stage(
             f"4. evaluate on held-out worlds ({p.cases} cases per modality, {p.drift_chunks}-chunk drift)"
         )
         report = self.out / "eval"
+        rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
+                {"name": "no actions", "model": "model", "action_guidance": 0.0}]  # fmt: skip
+        extra = []
+        for i, (name, folder) in enumerate(ablations.items()):
+            rows.append({"name": name, "model": f"ablation{i}"})
+            extra += [f"models.ablation{i}.uri={folder}", f"models.ablation{i}.base={wan}"]
         self.run(self.py, "jobs/evaluate.py", "preset=demo", f"models.model.uri={adapter}", f"models.model.base={wan}",
+                 *extra, f"rows={json.dumps(rows)}",
                  f"astra.vae.pretrained_path={vae}", f"train_store.uri={store}", f"report_dir={report}",
                  f"cases={p.cases}", f"drift_cases={p.drift_cases}", f"drift_chunks={p.drift_chunks}")  # fmt: skip
         return report / "report.md"
@@ -257,13 +287,22 @@ def free_port(preferred: int) -> int:
 
 
 def install_weights(out: Path, into: Path) -> None:
-    """Copy what ``--weights`` trained into ``into`` (models/demo: the committed weights)."""
-    for name in ("vae", "wan", "astra"):
+    """Copy what ``--weights`` trained into ``into`` (models/demo: the committed weights), with the
+    evaluation report of those very weights (report/: report.md + its plots)."""
+    names = ["vae", "wan", "astra", *(p.name for p in sorted((out / "weights").glob("ablation-*")))]
+    for name in names:
         target = into / name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(out / "weights" / name, target)
-    print(f"weights written to {into}: vae/, wan/, astra/")
+    report = into / "report"
+    if report.exists():
+        shutil.rmtree(report)
+    report.mkdir(parents=True)
+    for path in (out / "eval").iterdir():
+        if path.is_file() and path.suffix in (".md", ".png"):
+            shutil.copy(path, report / path.name)
+    print(f"weights written to {into}: {', '.join(n + '/' for n in names)} and report/report.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     store = demo.encode(manifest, vae)
     wan = demo.pretrain(store, vae)
     adapter, registered = demo.finetune(store, vae, wan)
+    ablations = demo.ablations(store, vae, wan) if args.weights else {}
+    report = demo.evaluate(store, vae, wan, adapter, ablations)
     if args.weights:
         install_weights(out, Path(args.weights_dir).resolve())
-    report = demo.evaluate(store, vae, wan, adapter)
     url = demo.serve(vae, wan, registered, free_port(args.port))
     try:
         video = demo.rollout(url)

@@ -62,6 +62,18 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("astra").experiment_id])
     assert runs and runs[0].data.tags["astra.registered_model"].startswith("models:/astra-demo/")
 
+    # pre-training trained the backbone: not the seeded random Wan it started from
+    from astra.config import preset
+    from astra.model import build_wan, load_wan
+
+    torch.manual_seed(0)  # init.seed of a random start
+    fresh, trained = (
+        build_wan(preset("demo").model.backbone).state_dict(),
+        load_wan(weights / "wan").state_dict(),
+    )
+    assert not torch.equal(fresh["proj_out.weight"], trained["proj_out.weight"])
+    assert not torch.equal(fresh["blocks.0.ffn.net.0.proj.weight"], trained["blocks.0.ffn.net.0.proj.weight"])
+
     # the reproduction wrote weights of the committed ones' shapes
     for name, file in FILES.items():
         assert _shapes(weights / name / file) == _shapes(WEIGHTS / name / file), name

@@ -110,36 +110,6 @@ def test_two_worker_fsdp_run_learns_tracks_and_exports(train_store, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pretraining_exports_a_wan_folder_that_fine_tuning_starts_from(train_store, tmp_path):
-    """stage=pretrain trains the Wan weights as plain text-to-video and exports a diffusers folder;
-    a fine-tuning run loads it with init.kind=wan (the demo's path from no model to an Astra model)."""
-    from astra.model.io import load_wan
-
-    pre = _config(train_store, tmp_path / "runs", "stage=pretrain", "run_name=pre", "data.target_latents=5",
-                  "max_steps=12", "eval_every=6", "checkpoint.every_steps=12", "optim.lr=3e-3")  # fmt: skip
-    _train(pre)
-    val = _history(pre, "val_loss")
-    assert sorted(val) == [6, 12] and val[12] < val[6], val
-    run = find_run(pre)
-    assert "astra.registered_model" not in run.data.tags  # a backbone, not an adapter to serve
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="export/wan"))
-    wan = load_wan(folder)
-    torch.manual_seed(pre.init.seed)
-    fresh = build_wan(pre.astra.model.backbone)
-    trained, initial = wan.state_dict(), fresh.state_dict()
-    assert trained.keys() == initial.keys()
-    changed = [k for k in initial if not torch.equal(trained[k], initial[k])]
-    assert "proj_out.weight" in changed and "blocks.0.ffn.net.0.proj.weight" in changed  # all of Wan trains
-
-    fine = _config(train_store, tmp_path / "runs", "run_name=fine", "init.kind=wan", f"init.path={folder}",
-                   "max_steps=2", "eval_every=2", "sample_every=2")  # fmt: skip
-    check_model(fine)
-    result = _train(fine)
-    assert result.metrics["step"] == 2 and "astra.registered_model" in find_run(fine).data.tags
-
-
-@pytest.mark.ray
-@pytest.mark.slow
 def test_a_killed_job_rerun_with_the_same_command_repeats_the_uninterrupted_run(train_store, tmp_path):
     """kill -9 of the whole job (driver, its local Ray, the workers) once a checkpoint is registered, then
     the same command again: it resumes there, and every loss equals an uninterrupted run's, bitwise."""

@@ -22,7 +22,8 @@ from astra.evaluate.metrics import nearest, psnr, ssim
 
 @dataclass(frozen=True)
 class Job:
-    row: str  # RowConfig.name
+    """One held-out case, rolled out under every row of the table (its ground truths rendered once)."""
+
     modality: str
     index: int
     kind: str  # "accuracy" (chunks, with distractors) or "drift" (drift_chunks, commanded only)
@@ -62,7 +63,6 @@ class Evaluator:
         self.vae = WanVAE.from_config(config.astra.vae).eval()
         self.text = build_text_encoder(config.text_encoder)
         self.models: dict[str, tuple] = {}
-        self.rows = {r.name: r for r in config.rows}
 
     def model(self, name: str):
         if name not in self.models:
@@ -97,37 +97,44 @@ class Evaluator:
             session, _ = generate_chunk(model, session, rows[1 + k * t : 1 + (k + 1) * t], astra)
         return video_to_frames(self.vae.decode(session.history[None]))[0].numpy()
 
-    def run(self, job: Job, preview: bool = False) -> CaseResult:
-        c, row = self.config, self.rows[job.row]
-        t = self.target_frames(row)
+    def run(self, job: Job, preview: bool = False) -> list[CaseResult]:
+        """The case under every row (a preview of the first row's rollout when asked)."""
+        c = self.config
+        t = self.target_frames(c.rows[0])
+        if any(self.target_frames(r) != t for r in c.rows):
+            raise ValueError("models: every evaluated model must generate chunks of the same target_frames")
         chunks = c.chunks if job.kind == "accuracy" else c.drift_chunks
         distractors = c.distractors if job.kind == "accuracy" else 0
         case = make_case(job.modality, job.index, c.seed, chunks * t, distractors, (c.height, c.width), c.fps)
-        generated = self.rollout(row, case, chunks)
-        truth = case.truths[0]
-        result = CaseResult(job.row, job.modality, case.case_id, job.kind)
-        if job.kind == "accuracy":
-            best, result.distances = nearest(generated, case.truths)
-            result.correct = best == 0
-        else:
+        truth, recon = case.truths[0], None
+        if job.kind == "drift":
             from astra.model.vae import frames_to_video, video_to_frames
 
             with torch.no_grad():  # the best a model can do through this VAE
                 recon = self.vae.decode(self.vae.encode(frames_to_video(torch.from_numpy(truth[None]))))
             recon = video_to_frames(recon)[0].numpy()
-            per = 4 * t
-            for k in range(chunks):
-                part = slice(1 + k * per, 1 + (k + 1) * per)
-                result.chunk_psnr.append(psnr(generated[part], truth[part]))
-                result.chunk_ssim.append(ssim(generated[part], truth[part]))
-                result.vae_psnr.append(psnr(recon[part], truth[part]))
-        if preview:
-            result.preview = np.stack([generated, truth])
-        return result
+        results = []
+        for i, row in enumerate(c.rows):
+            generated = self.rollout(row, case, chunks)
+            result = CaseResult(row.name, job.modality, case.case_id, job.kind)
+            if job.kind == "accuracy":
+                best, result.distances = nearest(generated, case.truths)
+                result.correct = best == 0
+            else:
+                per = 4 * t
+                for k in range(chunks):
+                    part = slice(1 + k * per, 1 + (k + 1) * per)
+                    result.chunk_psnr.append(psnr(generated[part], truth[part]))
+                    result.chunk_ssim.append(ssim(generated[part], truth[part]))
+                    result.vae_psnr.append(psnr(recon[part], truth[part]))
+            if preview and i == 0:
+                result.preview = np.stack([generated, truth])
+            results.append(result)
+        return results
 
 
 def run_jobs(config: EvalConfig, jobs: list[tuple[Job, bool]]) -> list[CaseResult]:
     """One task's share: (job, keep a preview) pairs -> results."""
     torch.set_num_threads(config.threads_per_task)
     evaluator = Evaluator(config)
-    return [evaluator.run(job, preview) for job, preview in jobs]
+    return [r for job, preview in jobs for r in evaluator.run(job, preview)]

@@ -37,13 +37,12 @@ def check_held_out(config: EvalConfig) -> None:
 
 
 def plan_jobs(config: EvalConfig) -> list[tuple[Job, bool]]:
-    """Every (job, keep a preview) of the evaluation: accuracy cases for every row, drift cases too."""
+    """Every (job, keep a preview) of the evaluation: the accuracy cases, then the drift cases (the
+    first of each modality keeps a preview strip); each job runs every row."""
     jobs = []
-    for row in config.rows:
-        for m in config.modalities:
-            jobs += [(Job(row.name, m, i, "accuracy"), False) for i in range(config.cases)]
-            first = row is config.rows[0]
-            jobs += [(Job(row.name, m, i, "drift"), first and i == 0) for i in range(config.drift_cases)]
+    for m in config.modalities:
+        jobs += [(Job(m, i, "accuracy"), False) for i in range(config.cases)]
+        jobs += [(Job(m, i, "drift"), i == 0) for i in range(config.drift_cases)]
     return jobs
 
 
@@ -57,7 +56,7 @@ def run_evaluation(config: EvalConfig) -> tuple[list[CaseResult], float]:
     remote = ray.remote(num_cpus=config.threads_per_task)(run_jobs)
     start = time.monotonic()
     refs = [remote.remote(config, jobs[i::tasks]) for i in range(tasks)]
-    log.info("evaluating %d rollouts (%d rows x %d modalities) in %d Ray tasks", len(jobs), len(config.rows),
+    log.info("evaluating %d cases x %d rows (%d modalities) in %d Ray tasks", len(jobs), len(config.rows),
              len(config.modalities), tasks)  # fmt: skip
     results: list[CaseResult] = []
     pending = list(refs)

@@ -1,0 +1,113 @@
+"""The evaluation job's parts: held-out cases, metrics, rows (no Ray here; the demo test runs the job)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from astra.config import ConfigError
+from astra.evaluate.cases import make_case, world_seed
+from astra.evaluate.config import load_eval_config
+from astra.evaluate.metrics import nearest, psnr, ssim
+from astra.evaluate.rollouts import Evaluator, Job
+
+
+def test_cases_are_deterministic_re_renderable_and_distinct():
+    a = make_case("camera", 3, 11, latents=4, distractors=2, size=(64, 64), fps=16.0)
+    b = make_case("camera", 3, 11, latents=4, distractors=2, size=(64, 64), fps=16.0)
+    assert a.case_id == b.case_id and all(
+        np.array_equal(x, y) for x, y in zip(a.truths, b.truths, strict=True)
+    )
+    assert a.rows.shape == (5, 12) and len(a.truths) == 3 and a.truths[0].shape == (17, 64, 64, 3)
+    assert all(np.array_equal(t[0], a.truths[0][0]) for t in a.truths)  # one start frame
+    assert not np.array_equal(a.truths[0][-1], a.truths[1][-1])  # different actions, different futures
+    np.testing.assert_array_equal(a.rows[0], np.array([1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]))  # at rest
+    assert world_seed(11, "camera", 3) != world_seed(12, "camera", 3) != world_seed(11, "driving", 3)
+
+
+def test_metrics():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    noisy = np.clip(x.astype(int) + rng.integers(-40, 40, x.shape), 0, 255).astype(np.uint8)
+    assert psnr(x, x) > 90 and ssim(x, x) == pytest.approx(1.0)
+    slight = np.clip(x.astype(int) + rng.integers(-5, 5, x.shape), 0, 255).astype(np.uint8)
+    assert 10 < psnr(x, noisy) < psnr(x, slight) and ssim(x, noisy) < ssim(x, slight) < 1
+    # flat frames: SSIM reduces to its luminance term (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = (
+        np.full((1, 16, 16, 3), 100, np.uint8),
+        np.full((1, 16, 16, 3), 150, np.uint8),
+        (0.01 * 255) ** 2,
+    )
+    assert ssim(a, b) == pytest.approx((2 * 100 * 150 + c1) / (100**2 + 150**2 + c1), rel=1e-9)
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255**2 / 50**2))
+    best, dists = nearest(noisy, [x[::-1].copy(), x, np.zeros_like(x)])
+    assert best == 1 and dists[1] == min(dists)
+
+
+@pytest.fixture(scope="module")
+def acting_model(tmp_path_factory):
+    """A tiny checkpoint whose experts are not zero, so actions change the chunks."""
+    from astra.config import preset
+    from astra.model import AstraTransformer, build_wan
+    from astra.model.io import save_astra
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = AstraTransformer.from_wan(build_wan(cfg.model.backbone), cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".moe." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return save_astra(model, tmp_path_factory.mktemp("ckpt") / "astra")
+
+
+def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_model):
+    config = load_eval_config(None, ["preset=tiny", f"models.model.uri={acting_model}", "drift_chunks=2"])
+    evaluator = Evaluator(config)
+    results = evaluator.run(Job("camera", 0, "drift"), preview=True)
+    assert [r.row for r in results] == ["full", "w/o AFG", "no actions"]
+    assert all(len(r.chunk_psnr) == 2 and len(r.vae_psnr) == 2 for r in results)
+    assert results[0].preview is not None and results[0].preview.shape == (2, 17, 64, 64, 3)
+    assert results[0].chunk_psnr != results[2].chunk_psnr  # actions reach the full model's rollout
+
+    # the no-action baseline sees the null action only: other commanded actions, the same rollout
+    case = make_case("camera", 0, config.seed, 4, 1, (64, 64), 16.0)
+    other = type(case)(case.case_id, case.modality, case.world_seed, case.prompt, case.rows * 0 + case.rows[::-1],
+                       case.truths)  # fmt: skip
+    rows = {r.name: r for r in config.rows}
+    assert np.array_equal(
+        evaluator.rollout(rows["no actions"], case, 2), evaluator.rollout(rows["no actions"], other, 2)
+    )
+    assert not np.array_equal(
+        evaluator.rollout(rows["full"], case, 2), evaluator.rollout(rows["full"], other, 2)
+    )
+    acc = evaluator.run(Job("robot", 1, "accuracy"))
+    assert all(r.correct in (True, False) and len(r.distances) == 2 for r in acc)
+
+
+@pytest.mark.ray
+def test_rows_must_name_models_and_cases_must_be_held_out(tmp_path, ray_local):
+    with pytest.raises(ConfigError, match=r"rows: model\(s\) \['other'\] are not in models"):
+        load_eval_config(None, ["rows=[{name: x, model: other}]"])
+    from astra.data.manifest import write_manifest
+    from astra.data.synthetic import initial_state, make_world, random_actions, rollout, write_clip
+    from astra.encode.config import load_encode_config
+    from astra.encode.pipeline import run_encode
+    from astra.evaluate.run import check_held_out
+
+    seed = world_seed(5, "camera", 1)  # a training clip of the very world of case camera-1
+    world = make_world("camera", seed, dt=1 / 16)
+    clip = rollout(world, initial_state(world), random_actions(world, 9, 0), (64, 64))
+    manifest = write_manifest([write_clip(clip, world, tmp_path / "clips", f"camera-00000-w{seed}", 16.0)],
+                              tmp_path / "clips" / "manifest.jsonl")  # fmt: skip
+    store = tmp_path / "store"
+    run_encode(load_encode_config(None, ["preset=tiny", f"manifest={manifest}", f"store.uri={store}"]))
+    config = load_eval_config(
+        None, ["preset=tiny", "seed=5", f"train_store.uri={store}", "modalities=[camera]"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"seed: the cases \['camera-1'\] use world seeds the training store"
+    ):
+        check_held_out(config)
+    check_held_out(load_eval_config(None, ["preset=tiny", "seed=6", f"train_store.uri={store}"]))
