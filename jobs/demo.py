@@ -60,7 +60,7 @@ FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=2
 FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=400, vae_steps=500, pretrain_steps=1200, finetune_steps=2000, cases=60,
+WEIGHTS_PLAN = Plan(clips=400, vae_steps=600, pretrain_steps=1200, finetune_steps=2000, cases=60,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
+import httpx
 import pytest
 import torch
 from conftest import free_port
@@ -31,17 +34,33 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path):
     """The documented command for the committed weights (`python jobs/demo.py --weights`), reduced:
     VAE, pre-training, fine-tuning, evaluation, serving and an HTTP rollout, all for real."""
-    out, weights = tmp_path / "demo", tmp_path / "weights"
+    out, weights, port = tmp_path / "demo", tmp_path / "weights", free_port()
     env = dict(os.environ, DEMO_FAST="1")
-    job = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "jobs/demo.py", "--weights", "--weights-dir", str(weights), "--out", str(out),
-         "--no-wait", "--port", str(free_port())],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+         "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    log = job.stdout + job.stderr
-    assert job.returncode == 0, log[-5000:]
+    lines, deadline = [], time.monotonic() + 1500
+    try:
+        for line in proc.stdout:  # until the demo says the web player is up (it then waits for Ctrl-C)
+            lines.append(line)
+            if "web player:" in line or time.monotonic() > deadline:
+                break
+        log = "".join(lines)
+        assert "web player:" in log, log[-5000:]
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)  # the live player
+        assert page.status_code == 200 and "<html" in page.text.lower()
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = proc.communicate(timeout=180)
+    log += rest
+    assert proc.returncode == 0, log[-5000:]
+    assert "stopped: Serve and the local Ray are shut down" in log
+    with pytest.raises(httpx.HTTPError):  # nothing left listening
+        httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
     for stage in ("1b. train the VAE", "2. encode", "2b. pre-train", "3. fine-tune", "4. evaluate", "5. serve",
-                  "6. a scripted rollout", "web player:"):  # fmt: skip
+                  "6. a scripted rollout"):  # fmt: skip
         assert stage in log, stage
 
     # the rollout came over HTTP as an MP4: 1 start frame + 2 chunks x 2 latents x 4 frames

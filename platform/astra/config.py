@@ -389,7 +389,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vae": {"base_dim": 8, "z_dim": 4, "dim_mult": (1, 2, 2, 2), "num_res_blocks": 1},
         "sampler": {"num_steps": 4},
     },
-    # The demo world (`make demo`): 64x64 video, a VAE trained on the synthetic worlds (8 latent
+    # The demo world (`make demo`): 64x64 video, a VAE trained on the synthetic worlds (16 latent
     # channels), a ~1M-parameter backbone; the same layout as tiny, 10 sampling steps with AFG 3.
     "demo": {
         "model": {
@@ -397,8 +397,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "num_layers": 4,
                 "num_attention_heads": 4,
                 "attention_head_dim": 16,
-                "in_channels": 8,
-                "out_channels": 8,
+                "in_channels": 16,
+                "out_channels": 16,
                 "text_dim": 384,
                 "freq_dim": 64,
                 "ffn_dim": 256,
@@ -407,7 +407,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "framepack": {"target_frames": 2, "recent_frames": 1, "frames_2x": 2, "frames_4x": 4},
             "context_length": 32,
         },
-        "vae": {"base_dim": 16, "z_dim": 8, "dim_mult": (1, 2, 2, 2), "num_res_blocks": 1},
+        "vae": {"base_dim": 16, "z_dim": 16, "dim_mult": (1, 2, 2, 2), "num_res_blocks": 1},
         "sampler": {"num_steps": 10},
     },
 }

@@ -193,7 +193,11 @@ ENCODE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 # the demo world: as tiny, with the demo VAE (its trained weights come in vae.pretrained_path)
-ENCODE_PRESETS["demo"] = {**ENCODE_PRESETS["tiny"], "vae": PRESETS["demo"]["vae"]}
+ENCODE_PRESETS["demo"] = {
+    **ENCODE_PRESETS["tiny"],
+    "vae": PRESETS["demo"]["vae"],
+    "watchdog": {"warn_after_s": 180.0},
+}
 
 
 def load_encode_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> EncodeConfig:
