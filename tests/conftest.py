@@ -88,6 +88,25 @@ def store_config(request, tmp_path, s3_server):
 
 
 @pytest.fixture(scope="session")
+def acting_checkpoint(tmp_path_factory):
+    """A tiny full Astra checkpoint whose experts are not zero, so actions change the chunks."""
+    import torch
+
+    from astra.config import preset
+    from astra.model import AstraTransformer, build_wan
+    from astra.model.io import save_astra
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = AstraTransformer.from_wan(build_wan(cfg.model.backbone), cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".moe." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return save_astra(model, tmp_path_factory.mktemp("ckpt") / "astra")
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """An in-process local Ray cluster shared by the session's `ray` tests (never `ray stop`)."""
     import ray

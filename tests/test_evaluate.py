@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from astra.config import ConfigError
 from astra.evaluate.cases import make_case, world_seed
@@ -45,25 +44,10 @@ def test_metrics():
     assert best == 1 and dists[1] == min(dists)
 
 
-@pytest.fixture(scope="module")
-def acting_model(tmp_path_factory):
-    """A tiny checkpoint whose experts are not zero, so actions change the chunks."""
-    from astra.config import preset
-    from astra.model import AstraTransformer, build_wan
-    from astra.model.io import save_astra
-
-    cfg = preset("tiny")
-    torch.manual_seed(0)
-    model = AstraTransformer.from_wan(build_wan(cfg.model.backbone), cfg.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".moe." in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    return save_astra(model, tmp_path_factory.mktemp("ckpt") / "astra")
-
-
-def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_model):
-    config = load_eval_config(None, ["preset=tiny", f"models.model.uri={acting_model}", "drift_chunks=2"])
+def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_checkpoint):
+    config = load_eval_config(
+        None, ["preset=tiny", f"models.model.uri={acting_checkpoint}", "drift_chunks=2"]
+    )
     evaluator = Evaluator(config)
     results = evaluator.run(Job("camera", 0, "drift"), preview=True)
     assert [r.row for r in results] == ["full", "w/o AFG", "no actions"]

@@ -25,25 +25,8 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_config_module):
-    """A tiny Astra checkpoint whose experts are not zero, so actions change the chunks."""
-    from astra.model import AstraTransformer, build_wan
-    from astra.model.io import save_astra
-
-    torch.manual_seed(0)
-    model = AstraTransformer.from_wan(build_wan(tiny_config_module.model.backbone), tiny_config_module.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".moe." in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    return save_astra(model, tmp_path_factory.mktemp("ckpt") / "astra")
-
-
-@pytest.fixture(scope="module")
-def tiny_config_module():
-    from astra.config import preset
-
-    return preset("tiny")
+def checkpoint(acting_checkpoint):
+    return acting_checkpoint
 
 
 @pytest.fixture(scope="module")
