@@ -29,6 +29,24 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
 
 
+def _demo_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the `demo` preset's VAE, Wan backbone or Astra adapter, built fresh."""
+    from astra.config import preset
+    from astra.model import AstraTransformer, build_wan
+    from astra.model.io import adapter_state_dict
+    from astra.model.vae import WanVAE
+
+    cfg = preset("demo")
+    if name == "vae":
+        state = WanVAE.from_config(cfg.vae).vae.state_dict()
+    elif name == "wan":
+        state = build_wan(cfg.model.backbone).state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("rope.")}
+    else:
+        state = adapter_state_dict(AstraTransformer.from_wan(build_wan(cfg.model.backbone), cfg.model))
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path):
@@ -93,11 +111,14 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     assert not torch.equal(fresh["proj_out.weight"], trained["proj_out.weight"])
     assert not torch.equal(fresh["blocks.0.ffn.net.0.proj.weight"], trained["blocks.0.ffn.net.0.proj.weight"])
 
-    # the reproduction wrote weights of the committed ones' shapes
+    # the reproduction wrote weights of the demo architecture's shapes (and of the committed ones, if any)
     for name, file in FILES.items():
-        assert _shapes(weights / name / file) == _shapes(WEIGHTS / name / file), name
+        assert _shapes(weights / name / file) == _demo_shapes(name), name
+        if (WEIGHTS / name / file).is_file():
+            assert _shapes(weights / name / file) == _shapes(WEIGHTS / name / file), name
 
 
+@pytest.mark.skipif(not (WEIGHTS / "astra").is_dir(), reason="no demo weights committed yet (models/demo)")
 def test_committed_demo_weights_load_and_generate():
     """models/demo holds a VAE, a Wan backbone and an Astra adapter that load as the jobs load them
     and give a finite chunk (the demo starts from them)."""
