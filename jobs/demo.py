@@ -20,205 +20,22 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
-import re
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT))
 
-WEIGHTS = ROOT / "models" / "demo"  # vae/ (diffusers), wan/ (diffusers), astra/ (adapter)
+from astra.demo import FAST, FULL, WEIGHTS, WEIGHTS_PLAN, Demo, install_weights  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How big each stage is (full demo, ``DEMO_FAST=1``, and ``--weights``)."""
-
-    clips: int
-    vae_steps: int
-    pretrain_steps: int
-    finetune_steps: int
-    cases: int
-    drift_cases: int
-    drift_chunks: int
-    rollout_chunks: int
-    job_overrides: tuple[str, ...] = ()  # settings of the training jobs (few clips, CPUs per worker)
-
-
-CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
-FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
-            drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
-FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
-            drift_chunks=2, rollout_chunks=2, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
-# the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=400, vae_steps=600, pretrain_steps=1200, finetune_steps=2000, cases=60,
-                    drift_cases=8, drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
-
-
-#: trained beside the full model by --weights, as rows of the ablation table (name -> training overrides)
-ABLATIONS = {
-    "w/o noise-as-mask": ("astra.diffusion.noise_as_mask_prob=0",),
-}
-
-
-class Demo:
-    def __init__(self, out: Path, plan: Plan, from_scratch: bool):
-        self.out, self.plan, self.start = out, plan, time.monotonic()
-        self.from_scratch = from_scratch or not (WEIGHTS / "astra").is_dir()
-        self.py = sys.executable
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-                        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")  # fmt: skip
-        self.env.setdefault("RAY_AUTH_MODE", "disabled")  # an in-process Ray of this machine only
-
-    # ------------------------------------------------------------------ helpers
-
-    def stage(self, name: str) -> None:
-        print(f"\n== [{time.monotonic() - self.start:5.0f} s] {name}", flush=True)
-
-    def run(self, *args: str) -> str:
-        """Run a command of the platform, showing its output as it goes; its output, or exit on failure."""
-        print("$ " + " ".join(args), flush=True)
-        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)  # fmt: skip
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "Token authentication" not in line:
-                print("  " + line, end="", flush=True)
-        if proc.wait() != 0:
-            sys.exit(f"demo: `{' '.join(args[:3])} ...` failed (exit {proc.returncode}); its output is above")
-        return "".join(lines)
-
-    def download(self, text: str, kind: str, tracking: str, into: Path) -> Path:
-        """The ``runs:/<id>/export/<kind>`` folder a job printed, downloaded into ``into``."""
-        import mlflow
-
-        found = re.findall(rf"(runs:/\w+/export/{kind})", text)
-        if not found:
-            sys.exit(f"demo: the job printed no runs:/.../export/{kind}")
-        mlflow.set_tracking_uri(tracking)
-        if into.exists():
-            shutil.rmtree(into)
-        into.parent.mkdir(parents=True, exist_ok=True)
-        got = Path(mlflow.artifacts.download_artifacts(found[-1], dst_path=str(into.parent)))
-        if got != into:
-            shutil.move(str(got), str(into))
-        return into
-
-    def train_overrides(self) -> list[str]:
-        """``job_overrides`` for the training job, whose validation setting lives under ``data``."""
-        return [("data." + o) if o.startswith("val_clips") else o for o in self.plan.job_overrides]
-
-    @staticmethod
-    def tracking(storage: Path, run_name: str) -> str:
-        return f"sqlite:///{storage / run_name / 'mlflow.db'}"
-
-    # ------------------------------------------------------------------ stages
-
-    def data(self) -> Path:
-        self.stage(
-            f"1. synthetic worlds: {self.plan.clips} clips (camera, driving, robot) with exact actions"
-        )
-        clips = self.out / "clips"
-        if (clips / "manifest.jsonl").is_file() and len(list(clips.glob("*.mp4"))) == self.plan.clips:
-            print(f"  {clips} already holds them")
-        else:
-            self.run(self.py, "-m", "astra.data.synthetic", "--out", str(clips), "--num-clips", str(self.plan.clips),
-                     "--modality", "mixed", "--size", "64x64", "--frames", "33", "--seed", "7")  # fmt: skip
-        return clips / "manifest.jsonl"
-
-    def vae(self, manifest: Path) -> Path:
-        if not self.from_scratch:
-            print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
-            return WEIGHTS / "vae"
-        self.stage(f"1b. train the VAE on the worlds ({self.plan.vae_steps} steps)")
-        storage = self.out / "vae"
-        text = self.run(self.py, "jobs/train_vae.py", "preset=demo", f"manifest={manifest}", f"storage_path={storage}",
-                        f"max_steps={self.plan.vae_steps}", "run_name=demo-vae", *self.plan.job_overrides)  # fmt: skip
-        return self.download(text, "vae", self.tracking(storage, "demo-vae"), self.out / "weights" / "vae")
-
-    def encode(self, manifest: Path, vae: Path) -> Path:
-        self.stage("2. encode the clips into the latent store (Ray Data, the VAE)")
-        store = self.out / "store"
-        self.run(self.py, "jobs/encode.py", "preset=demo", f"manifest={manifest}", f"store.uri={store}",
-                 f"vae.pretrained_path={vae}")  # fmt: skip
-        return store
-
-    def pretrain(self, store: Path, vae: Path) -> Path:
-        if not self.from_scratch:
-            print(f"  the backbone: {WEIGHTS / 'wan'} (pre-trained on these worlds as plain video)")
-            return WEIGHTS / "wan"
-        self.stage(
-            f"2b. pre-train the Wan backbone as plain text-to-video ({self.plan.pretrain_steps} steps)"
-        )
-        storage = self.out / "train"
-        text = self.run(self.py, "jobs/train.py", "preset=demo", "stage=pretrain", f"data.store.uri={store}",
-                        f"storage_path={storage}", "run_name=demo-pretrain", f"astra.vae.pretrained_path={vae}",
-                        "data.target_latents=5", f"max_steps={self.plan.pretrain_steps}", *self.train_overrides())  # fmt: skip
-        return self.download(
-            text, "wan", self.tracking(storage, "demo-pretrain"), self.out / "weights" / "wan"
-        )
-
-    def ablations(self, store: Path, vae: Path, wan: Path) -> dict[str, Path]:
-        """The ablation models (same data, steps and start as the full model, one change each)."""
-        out = {}
-        for i, (name, overrides) in enumerate(ABLATIONS.items()):
-            self.stage(f"3b. ablation '{name}': fine-tune with {' '.join(overrides)}")
-            storage, run = self.out / "train", f"demo-ablation-{i}"
-            text = self.run(self.py, "jobs/train.py", "preset=demo", "init.kind=wan", f"init.path={wan}",
-                            f"data.store.uri={store}", f"storage_path={storage}", f"run_name={run}",
-                            f"astra.vae.pretrained_path={vae}", f"max_steps={self.plan.finetune_steps}",
-                            "tracking.register_as=null", *self.train_overrides(), *overrides)  # fmt: skip
-            out[name] = self.download(
-                text, "adapter", self.tracking(storage, run), self.out / "weights" / f"ablation-{i}"
-            )
-        return out
-
-    def finetune(self, store: Path, vae: Path, wan: Path) -> tuple[Path, str]:
-        """(the exported adapter folder, its registered version models:/astra-demo/N)."""
-        start = "from the Wan backbone" if self.from_scratch else f"continuing {WEIGHTS / 'astra'}"
-        self.stage(f"3. fine-tune Astra on the store ({self.plan.finetune_steps} steps, {start})")
-        storage = self.out / "train"
-        init = ["init.kind=wan", f"init.path={wan}"]
-        if not self.from_scratch:
-            init = ["init.kind=astra", f"init.path={WEIGHTS / 'astra'}", f"init.base={wan}"]
-        text = self.run(self.py, "jobs/train.py", "preset=demo", *init, f"data.store.uri={store}",
-                        f"storage_path={storage}", "run_name=demo-finetune", f"astra.vae.pretrained_path={vae}",
-                        f"max_steps={self.plan.finetune_steps}", "tracking.register_as=astra-demo", *self.train_overrides())  # fmt: skip
-        registered = re.findall(r"adapter: (models:/astra-demo/\d+)", text)
-        if not registered:
-            sys.exit("demo: the fine-tuning job registered no model version")
-        folder = self.download(
-            text, "adapter", self.tracking(storage, "demo-finetune"), self.out / "weights" / "astra"
-        )
-        return folder, registered[-1]
-
-    def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path, ablations: dict[str, Path]) -> Path:
-        p = self.plan
-        self.stage(
-            f"4. evaluate on held-out worlds ({p.cases} cases per modality, {p.drift_chunks}-chunk drift)"
-        )
-        report = self.out / "eval"
-        rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
-                {"name": "no actions", "model": "model", "action_guidance": 0.0}]  # fmt: skip
-        extra = []
-        for i, (name, folder) in enumerate(ablations.items()):
-            rows.append({"name": name, "model": f"ablation{i}"})
-            extra += [f"models.ablation{i}.uri={folder}", f"models.ablation{i}.base={wan}"]
-        self.run(self.py, "jobs/evaluate.py", "preset=demo", f"models.model.uri={adapter}", f"models.model.base={wan}",
-                 *extra, f"rows={json.dumps(rows)}",
-                 f"astra.vae.pretrained_path={vae}", f"train_store.uri={store}", f"report_dir={report}",
-                 f"cases={p.cases}", f"drift_cases={p.drift_cases}", f"drift_chunks={p.drift_chunks}")  # fmt: skip
-        return report / "report.md"
+class ServedDemo(Demo):
+    """The stages, then the served model: Ray Serve, a scripted HTTP rollout, the web player."""
 
     def serve(self, vae: Path, wan: Path, registered: str, port: int) -> str:
         """The registered adapter version (MLflow's registry, as a cluster would serve it) behind HTTP."""
@@ -286,25 +103,6 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-def install_weights(out: Path, into: Path) -> None:
-    """Copy what ``--weights`` trained into ``into`` (models/demo: the committed weights), with the
-    evaluation report of those very weights (report/: report.md + its plots)."""
-    names = ["vae", "wan", "astra", *(p.name for p in sorted((out / "weights").glob("ablation-*")))]
-    for name in names:
-        target = into / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(out / "weights" / name, target)
-    report = into / "report"
-    if report.exists():
-        shutil.rmtree(report)
-    report.mkdir(parents=True)
-    for path in (out / "eval").iterdir():
-        if path.is_file() and path.suffix in (".md", ".png"):
-            shutil.copy(path, report / path.name)
-    print(f"weights written to {into}: {', '.join(n + '/' for n in names)} and report/report.md")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = FAST if fast else WEIGHTS_PLAN if args.weights else FULL
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    demo = Demo(out, plan, from_scratch=args.weights)
+    demo = ServedDemo(out, plan, from_scratch=args.weights)
     if demo.from_scratch and plan is FULL:  # no committed weights: train them as --weights does
         print(f"note: no weights in {WEIGHTS}; training them from scratch first (see models/demo/README.md)")
         demo.plan = WEIGHTS_PLAN
