@@ -155,3 +155,39 @@ def test_pretraining_samples_are_text_to_video_segments():
     assert draw_sample(_record(4), config, rng) is None  # shorter than the target
     # an explicit whitelist still wins
     assert _config("stage=pretrain", "trainable=['^proj_out']").trainable == ("^proj_out",)
+
+
+def test_later_epochs_replay_the_cached_clips_bitwise(tmp_path):
+    """data.cache_bytes: after the first pass a rank replays its clips from memory; the batches of
+    every epoch (and of a stream resumed mid-epoch) are those of a stream that re-reads each epoch."""
+    from astra.data.store import LatentStore
+    from astra.train.dataset import DataPlan
+    from astra.train.stream import Position, SampleStream
+
+    class Rows:  # what ray.train.get_dataset_shard gives; counts the passes over the store
+        passes = 0
+
+        def iter_rows(self):
+            Rows.passes += 1
+            return iter([_record(cid=f"c{i}").to_row() for i in range(6)])
+
+    LatentStore(str(tmp_path)).write_prompts([("p", "a prompt", "test", torch.randn(3, 384))])
+    plan = DataPlan("h", ((),), True, (), 6, 12, {})
+
+    def batches(cache_bytes: int, position: Position, count: int) -> tuple[list, int]:
+        Rows.passes = 0
+        config = _config(f"data.store.uri={tmp_path}", "batch_size=2", f"data.cache_bytes={cache_bytes}")
+        stream = iter(SampleStream(Rows(), config, plan, 0, 1, position))
+        out = [next(stream) for _ in range(count)]
+        return [(t, pos.to_dict()) for t, _, pos in out], Rows.passes
+
+    streamed, passes = batches(0, Position(), 10)  # a few batches per epoch: several epochs
+    cached, cached_passes = batches(1 << 20, Position(), 10)
+    assert [p for _, p in cached] == [p for _, p in streamed]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(cached, streamed, strict=True))
+    assert passes == streamed[-1][1]["epoch"] + 1 >= 3 and cached_passes == 1
+    _, too_small = batches(1000, Position(), 10)  # the clips do not fit: every epoch reads again
+    assert too_small == passes
+    at = [p for _, p in streamed].index({"epoch": 1, "batches": 1})
+    resumed, _ = batches(1 << 20, Position(epoch=1, batches=1), 10 - at - 1)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, streamed[at + 1 :], strict=True))

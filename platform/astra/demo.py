@@ -45,7 +45,7 @@ FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=2
 FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=400, vae_steps=600, pretrain_steps=1200, finetune_steps=2000, cases=60,
+WEIGHTS_PLAN = Plan(clips=400, vae_steps=2400, pretrain_steps=1200, finetune_steps=2000, cases=60,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
 
 
@@ -103,6 +103,15 @@ class Demo:
         """``job_overrides`` for the training job, whose validation setting lives under ``data``."""
         return [("data." + o) if o.startswith("val_clips") else o for o in self.plan.job_overrides]
 
+    def finished(self, name: str) -> Path | None:
+        """The weights a previous run of this demo folder already trained and downloaded (a stage that
+        takes most of an hour is not redone when a later one failed); delete the folder to retrain."""
+        folder = self.out / "weights" / name
+        if (folder / "config.json").is_file():
+            print(f"  {folder} already holds them (from an earlier run here; delete it to retrain)")
+            return folder
+        return None
+
     @staticmethod
     def tracking(storage: Path, run_name: str) -> str:
         return f"sqlite:///{storage / run_name / 'mlflow.db'}"
@@ -126,6 +135,8 @@ class Demo:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"
         self.stage(f"1b. train the VAE on the worlds ({self.plan.vae_steps} steps)")
+        if (done := self.finished("vae")) is not None:
+            return done
         storage = self.out / "vae"
         text = self.run(self.py, "jobs/train_vae.py", "preset=demo", f"manifest={manifest}", f"storage_path={storage}",
                         f"max_steps={self.plan.vae_steps}", "run_name=demo-vae", *self.plan.job_overrides)  # fmt: skip
@@ -145,6 +156,8 @@ class Demo:
         self.stage(
             f"2b. pre-train the Wan backbone as plain text-to-video ({self.plan.pretrain_steps} steps)"
         )
+        if (done := self.finished("wan")) is not None:
+            return done
         storage = self.out / "train"
         text = self.run(self.py, "jobs/train.py", "preset=demo", "stage=pretrain", f"data.store.uri={store}",
                         f"storage_path={storage}", "run_name=demo-pretrain", f"astra.vae.pretrained_path={vae}",

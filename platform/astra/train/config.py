@@ -62,6 +62,13 @@ class DataConfig(FrozenModel):
         8, ge=0, description="Clips held out for validation, chosen by a hash of their id (deterministic)."
     )
     shuffle_buffer: int = Field(256, ge=1, description="Samples mixed before batching (per worker).")
+    cache_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Keep a worker's training clips in memory after its first pass over the store when "
+        "their latents and actions take at most this many bytes; later epochs replay them from memory "
+        "(the same stream, bitwise) instead of restarting a Ray Data read. 0: always stream.",
+    )
 
     @field_validator("weights")
     @classmethod

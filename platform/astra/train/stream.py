@@ -92,23 +92,47 @@ class SampleStream:
         self._skip = position.batches  # replay this many batches of the epoch before handing any out
         self.prompts = PromptCache(LatentStore(config.data.store))
         self.val_ids = set(plan.val_ids)
+        self._cached: list[tuple[float, LatentRecord]] | None = None  # see _records
 
     def _mine(self, clip_id: str) -> bool:
         return not self.plan.filter_by_hash or clip_hash(clip_id) % self.world == self.rank
 
-    def _epoch_samples(self, rng: np.random.Generator) -> Iterator[Sample]:
+    def _records(self) -> Iterator[tuple[float, LatentRecord]]:
+        """(sampling weight, record) of this rank's training clips in the shard's fixed order. The first
+        pass reads the shard; once it is over, the records are kept when they fit ``data.cache_bytes``
+        and later passes replay them (a small store's epochs are then not paced by Ray Data's start-up
+        of a new read: minutes per epoch on a busy 2-core box)."""
+        if self._cached is not None:
+            yield from self._cached
+            return
         d = self.config.data
-        buffer: list[LatentRecord] = []
+        kept: list | None = [] if d.cache_bytes else None
+        size = 0
         for row in self.shard.iter_rows():
             if row["encode_hash"] != self.plan.encode_hash or row["clip_id"] in self.val_ids:
                 continue
             if not self._mine(row["clip_id"]):
                 continue
             w = d.weights.get(row["dataset"], 1.0) * d.weights.get(row["modality"], 1.0)
+            if w <= 0:
+                continue
+            item = (w, LatentRecord.from_row(row))
+            if kept is not None:
+                size += item[1].latents.nbytes + item[1].actions.nbytes
+                if size <= d.cache_bytes:
+                    kept.append(item)
+                else:
+                    kept = None
+            yield item
+        self._cached = kept
+
+    def _epoch_samples(self, rng: np.random.Generator) -> Iterator[Sample]:
+        d = self.config.data
+        buffer: list[LatentRecord] = []
+        for w, record in self._records():
             copies = int(w) + int(rng.random() < w - int(w))
             if not copies:
                 continue
-            record = LatentRecord.from_row(row)
             buffer += [record] * copies
             while len(buffer) > d.shuffle_buffer:
                 sample = draw_sample(buffer.pop(int(rng.integers(len(buffer)))), self.config, rng)
