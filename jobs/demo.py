@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     store = demo.encode(manifest, vae)
     wan = demo.pretrain(store, vae)
     adapter, registered = demo.finetune(store, vae, wan)
-    ablations = demo.ablations(store, vae, wan) if args.weights else {}
+    ablations = demo.ablations(store, vae, wan)
     report = demo.evaluate(store, vae, wan, adapter, ablations)
     if args.weights:
         install_weights(out, Path(args.weights_dir).resolve())

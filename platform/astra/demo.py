@@ -24,6 +24,18 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: platform/astra/demo.
 WEIGHTS = ROOT / "models" / "demo"  # vae/ (diffusers), wan/ (diffusers), astra/ (adapter)
 
 
+#: trained beside the full model by --weights, as rows of the ablation table (name -> training overrides)
+ABLATIONS = {
+    "w/o noise-as-mask": ("astra.diffusion.noise_as_mask_prob=0",),
+    # the other of the two changes the issue's first measurement made at once (raw rows: the reference)
+    "raw actions (not normalised)": ("astra.model.actions.normalize=false",),
+    "learned routing (top-2)": ("astra.model.actions.routing=learned",),
+    # only the newest latents, no anchor, no packed 2x/4x groups: 32 history tokens against FramePack's 37
+    "last 2 latents, no FramePack": ("astra.model.framepack.recent_frames=2", "astra.model.framepack.frames_2x=0",
+                                     "astra.model.framepack.frames_4x=0", "astra.model.framepack.keep_anchor=false"),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Plan:
     """How big each stage is (full demo, ``DEMO_FAST=1``, and ``--weights``)."""
@@ -36,23 +48,19 @@ class Plan:
     drift_cases: int
     drift_chunks: int
     rollout_chunks: int
+    ablations: int  # how many of ABLATIONS --weights trains (the reduced mode: one, to try the path)
     job_overrides: tuple[str, ...] = ()  # settings of the training jobs (few clips, CPUs per worker)
 
 
 CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
 FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
-            drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
+            drift_chunks=10, rollout_chunks=6, ablations=0, job_overrides=(CPUS,))  # fmt: skip
 FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
-            drift_chunks=2, rollout_chunks=2, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
+            drift_chunks=2, rollout_chunks=2, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
 WEIGHTS_PLAN = Plan(clips=400, vae_steps=2400, pretrain_steps=1200, finetune_steps=2000, cases=60,
-                    drift_cases=8, drift_chunks=10, rollout_chunks=6, job_overrides=(CPUS,))  # fmt: skip
-
-
-#: trained beside the full model by --weights, as rows of the ablation table (name -> training overrides)
-ABLATIONS = {
-    "w/o noise-as-mask": ("astra.diffusion.noise_as_mask_prob=0",),
-}
+                    drift_cases=8, drift_chunks=10, rollout_chunks=6, ablations=len(ABLATIONS),
+                    job_overrides=(CPUS,))  # fmt: skip
 
 
 class Demo:
@@ -167,9 +175,14 @@ class Demo:
         )
 
     def ablations(self, store: Path, vae: Path, wan: Path) -> dict[str, Path]:
-        """The ablation models (same data, steps and start as the full model, one change each)."""
+        """The ablation models, name -> adapter folder: trained here (same data, steps and start as the
+        full model, one change each) from scratch, else the committed ones (``ablations.json``)."""
+        if not self.from_scratch:
+            index = WEIGHTS / "ablations.json"
+            named = json.loads(index.read_text()) if index.is_file() else {}
+            return {entry["name"]: WEIGHTS / folder for folder, entry in named.items()}
         out = {}
-        for i, (name, overrides) in enumerate(ABLATIONS.items()):
+        for i, (name, overrides) in enumerate(list(ABLATIONS.items())[: self.plan.ablations]):
             self.stage(f"3b. ablation '{name}': fine-tune with {' '.join(overrides)}")
             storage, run = self.out / "train", f"demo-ablation-{i}"
             text = self.run(self.py, "jobs/train.py", "preset=demo", "init.kind=wan", f"init.path={wan}",
@@ -221,13 +234,19 @@ class Demo:
 
 def install_weights(out: Path, into: Path) -> None:
     """Copy what ``--weights`` trained into ``into`` (models/demo: the committed weights), with the
-    evaluation report of those very weights (report/: report.md + its plots)."""
-    names = ["vae", "wan", "astra", *(p.name for p in sorted((out / "weights").glob("ablation-*")))]
+    evaluation report of those very weights (report/: report.md + its plots) and ``ablations.json``
+    (which folder is which ablation, and its training settings)."""
+    ablations = sorted((out / "weights").glob("ablation-*"))
+    names = ["vae", "wan", "astra", *(p.name for p in ablations)]
     for name in names:
         target = into / name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(out / "weights" / name, target)
+    trained = list(ABLATIONS.items())  # ablation-<i> is the i-th
+    index = {p.name: dict(zip(("name", "overrides"), trained[int(p.name.split("-")[1])], strict=True))
+             for p in ablations}  # fmt: skip
+    (into / "ablations.json").write_text(json.dumps(index, indent=1) + "\n")
     report = into / "report"
     if report.exists():
         shutil.rmtree(report)
