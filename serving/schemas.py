@@ -7,6 +7,8 @@ session's modality, keyboard / mouse ``keys`` (camera) or ``drive`` commands (dr
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from astra.rollout.commands import DriveCommand, KeyCommand
@@ -28,7 +30,10 @@ class Strict(BaseModel):
 
 
 class SamplerOptions(Strict):
-    num_steps: int | None = Field(None, ge=1, description="Euler steps per chunk (server default if unset).")
+    solver: Literal["euler", "unipc"] | None = Field(
+        None, description="'euler' or 'unipc' (few-step: e.g. 8 steps); server default if unset."
+    )
+    num_steps: int | None = Field(None, ge=1, description="Solver steps per chunk (server default if unset).")
     action_guidance: float | None = Field(None, ge=0, description="AFG scale (server default if unset).")
 
 

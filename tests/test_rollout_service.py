@@ -248,3 +248,29 @@ def test_a_thin_image_is_cropped_before_it_is_resized():
     frame = decode_image(buf.getvalue(), (480, 832), 4096 * 4096)
     assert frame.shape == (480, 832, 3) and (frame == [255, 0, 0]).all()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: < 200 MiB more
+
+
+def test_the_solver_is_chosen_per_session_and_batches_apart(make_service):
+    """sampler.solver per session: a UniPC session and an Euler one in one batch each get what they
+    get alone; the same seed and start under another solver gives another chunk; a bad solver is named."""
+    service = make_service()
+    options = [
+        {"solver": "unipc", "num_steps": 3},
+        {},
+        {"solver": "unipc", "num_steps": 3},
+        {"solver": "euler"},
+    ]
+    ids = [service.create(f"solver-session-{i:07d}", "a field", "camera", 5, _image(3), sampler)[0]["session_id"]
+           for i, sampler in enumerate(options)]  # fmt: skip
+    alone = [_step(service, sid, "W") for sid in ids]
+    assert torch.equal(alone[1], alone[3]) and not torch.allclose(alone[0], alone[1])
+    forks = [service.fork(sid, 0, f"solver-fork-{i:010d}")["session_id"] for i, sid in enumerate(ids)]
+    lives = [service.checkout(f) for f in forks]
+    rows = [service.actions(lv, keys=[KeyCommand(keys=("W",), frames=2)]) for lv in lives]
+    together = service.generate(list(zip(lives, rows, strict=True)))
+    for f in forks:
+        service.release(f)
+    for one, many in zip(alone, together, strict=True):
+        torch.testing.assert_close(many.history[:, -2:], one, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"sampler\.solver"):
+        service.check_options({"solver": "heun"})

@@ -101,3 +101,42 @@ def test_sampling_is_deterministic_and_pure(tiny_config, tiny_model):
         a = euler_sample(fn, noise, sig, Guidance(2.0))
         b = euler_sample(fn, noise.clone(), sig, Guidance(2.0))
     assert torch.equal(a, b)
+
+
+def _gaussian_flow(m: float, c: float):
+    """The exact velocity of data x0 ~ N(m, c^2) (E[eps - x0 | x_t]) and the exact ODE map of a noise z
+    to its sample, m + c z."""
+
+    def velocity(x, sigma, branches):
+        s = sigma.view(-1, *([1] * (x.ndim - 1))).double()
+        var = (1 - s) ** 2 * c**2 + s**2
+        r = x.double() - (1 - s) * m
+        x0 = m + (1 - s) * c**2 / var * r
+        eps = s / var * r
+        return (eps - x0).float()
+
+    return velocity, lambda z: m + c * z
+
+
+def test_unipc_reaches_the_exact_flow_in_few_steps_and_keeps_no_state():
+    from astra.diffusion.sampler import sample
+
+    torch.manual_seed(0)
+    z = torch.randn(4, 3, 2, 4, 4)
+    velocity, exact = _gaussian_flow(m=0.5, c=0.6)
+    err = {(solver, n): (sample(velocity, z, solver, n, 1.0, Guidance()) - exact(z)).abs().max().item()
+           for solver in ("euler", "unipc") for n in (8, 50)}  # fmt: skip
+    # measured: euler 0.38 / 0.065, unipc 0.007 / 0.003 — 8 UniPC steps beat 50 Euler steps here
+    assert err[("unipc", 8)] < 0.1 * err[("euler", 8)] and err[("unipc", 8)] < err[("euler", 50)]
+    assert err[("unipc", 50)] < 0.01
+    # a point mass is recovered exactly (data prediction), and calls share nothing
+    x0 = torch.randn(2, 4, 3, 8, 8)
+    noise = torch.randn_like(x0)
+
+    def point(x, sigma, branches):
+        return (x - x0.repeat(len(branches), 1, 1, 1, 1)) / sigma.view(-1, 1, 1, 1, 1)
+
+    first = sample(point, noise, "unipc", 6, 5.0, Guidance(2.0))
+    torch.testing.assert_close(first, x0, atol=1e-4, rtol=1e-4)
+    sample(velocity, z, "unipc", 3, 5.0, Guidance())  # another chunk in between
+    assert torch.equal(sample(point, noise, "unipc", 6, 5.0, Guidance(2.0)), first)

@@ -332,9 +332,14 @@ class DiffusionConfig(FrozenModel):
 
 
 class SamplerConfig(FrozenModel):
-    """Euler flow sampling of one chunk with Action-Free Guidance."""
+    """Flow sampling of one chunk (Euler or UniPC) with Action-Free Guidance."""
 
-    num_steps: int = Field(50, ge=1, description="Euler steps per chunk.")
+    solver: Literal["euler", "unipc"] = Field(
+        "euler",
+        description="'euler': the reference's Euler steps; 'unipc': diffusers' UniPC multistep solver in "
+        "flow mode (Wan-2.1's own), for few-step sampling (e.g. 8 steps instead of 50).",
+    )
+    num_steps: int = Field(50, ge=1, description="Solver steps per chunk.")
     shift: float = Field(5.0, gt=0, description="Timestep shift of the sampling schedule.")
     action_guidance: float = Field(
         3.0, ge=0, description="AFG scale s: v = v_null + s (v_act - v_null); 1 = off."

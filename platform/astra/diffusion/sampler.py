@@ -1,8 +1,11 @@
-"""A pure Euler flow sampler for one chunk, with Action-Free Guidance and optional text CFG.
+"""Flow samplers for one chunk, with Action-Free Guidance and optional text CFG.
 
-Nothing here keeps state: the result is a function of (noise, sigmas, velocity function,
-guidance scales), so one replica can interleave steps of many sessions safely — unlike diffusers'
-schedulers, whose ``_step_index`` lives on the object.
+``sample`` integrates one chunk with the configured solver: ``euler`` (the reference's, written out:
+one velocity per step) or ``unipc`` (diffusers' ``UniPCMultistepScheduler`` in its flow-matching mode,
+the solver Wan-2.1's own pipelines use: a multistep predictor-corrector that needs far fewer steps).
+Nothing outlives a call: the result is a function of (noise, steps, shift, velocity function, guidance
+scales), so one replica can interleave chunks of many sessions safely. A diffusers scheduler keeps its
+step index and past outputs on the object, so each call builds its own and drops it afterwards.
 
 Guidance branches, each a velocity of the same x_t:
   act   = v(actions, text)              always
@@ -78,3 +81,45 @@ def euler_sample(
         v = guided_velocity(velocity_fn, x, sigma, guidance).float()
         x = x + (s_next - s) * v
     return x
+
+
+def unipc_sample(
+    velocity_fn: VelocityFn,
+    noise: torch.Tensor,
+    num_steps: int,
+    shift: float,
+    guidance: Guidance = Guidance(),
+    order: int = 2,
+) -> torch.Tensor:
+    """UniPC on the same shifted sigma grid as ``euler_sample`` (diffusers nudges its first sigma
+    from 1 to 1 - 1e-6). The scheduler is this call's own: no state is shared between chunks."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift, solver_order=order
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device=noise.device)
+    x = noise.float()
+    batch = x.shape[0]
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = torch.full((batch,), float(scheduler.sigmas[i]), dtype=torch.float32, device=x.device)
+        v = guided_velocity(velocity_fn, x, sigma, guidance).float()
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+    return x
+
+
+def sample(
+    velocity_fn: VelocityFn,
+    noise: torch.Tensor,
+    solver: str,
+    num_steps: int,
+    shift: float,
+    guidance: Guidance,
+) -> torch.Tensor:
+    """One chunk from pure noise with ``solver`` ('euler' | 'unipc') in ``num_steps`` steps."""
+    if solver == "unipc":
+        return unipc_sample(velocity_fn, noise, num_steps, shift, guidance)
+    from astra.diffusion.flow import sampling_sigmas
+
+    return euler_sample(velocity_fn, noise, sampling_sigmas(num_steps, shift), guidance)

@@ -9,7 +9,7 @@ null-action velocity) or zero the commanded actions.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,6 +29,9 @@ class RowConfig(FrozenModel):
         "1: AFG off; 0: the null-action velocity only (no-action baseline).",
     )  # fmt: skip
     num_steps: int | None = Field(None, ge=1, description="Sampler steps; None: sampler.num_steps.")
+    solver: Literal["euler", "unipc"] | None = Field(
+        None, description="Sampler solver ('euler' | 'unipc'); None: sampler.solver."
+    )
 
 
 class EvalConfig(FrozenModel):

@@ -18,6 +18,7 @@ class Summary:
     psnr: dict[tuple[str, str], list[float]]  # (row, modality) -> mean PSNR per chunk
     ssim: dict[tuple[str, str], list[float]]
     vae_psnr: dict[str, list[float]]  # modality -> the VAE's own PSNR per chunk
+    seconds: dict[str, float]  # row -> mean sampling seconds per chunk
 
 
 def summarise(results: list[CaseResult]) -> Summary:
@@ -25,8 +26,10 @@ def summarise(results: list[CaseResult]) -> Summary:
     ps: dict[tuple[str, str], list[list[float]]] = {}
     ss: dict[tuple[str, str], list[list[float]]] = {}
     vae: dict[str, list[list[float]]] = {}
+    secs: dict[str, list[float]] = {}
     for r in results:
         key = (r.row, r.modality)
+        secs.setdefault(r.row, []).append(r.chunk_seconds)
         if r.kind == "accuracy":
             acc.setdefault(key, []).append(bool(r.correct))
         else:
@@ -38,6 +41,7 @@ def summarise(results: list[CaseResult]) -> Summary:
         psnr={k: np.mean(v, axis=0).tolist() for k, v in ps.items()},
         ssim={k: np.mean(v, axis=0).tolist() for k, v in ss.items()},
         vae_psnr={k: np.mean(v, axis=0).tolist() for k, v in vae.items()},
+        seconds={k: float(np.mean(v)) for k, v in secs.items()},
     )
 
 
@@ -84,6 +88,15 @@ def _plots(config: EvalConfig, s: Summary, out: Path) -> list[str]:
     return names
 
 
+def _sampler(config: EvalConfig, row) -> str:
+    """The row's sampler, e.g. 'euler 10, AFG 3'."""
+    base = config.astra.sampler
+    solver = row.solver or base.solver
+    steps = row.num_steps or base.num_steps
+    afg = base.action_guidance if row.action_guidance is None else row.action_guidance
+    return f"{solver} {steps}, AFG {afg:g}"
+
+
 def _previews(results: list[CaseResult], out: Path) -> list[str]:
     from PIL import Image
 
@@ -119,14 +132,15 @@ def write_report(config: EvalConfig, results: list[CaseResult], out: Path, model
         "",
         "## Action-following accuracy",
         "",
-        "| row | " + " | ".join(mods) + " | mean |",
-        "|---|" + "---|" * (len(mods) + 1),
+        "| row | sampler | " + " | ".join(mods) + " | mean | s/chunk |",
+        "|---|---|" + "---|" * (len(mods) + 2),
     ]
     for row in config.rows:
         vals = [s.accuracy.get((row.name, m)) for m in mods]
         cells = [f"{a:.1%} (n={n})" if a is not None else "-" for a, n in (v or (None, 0) for v in vals)]
         mean = np.mean([v[0] for v in vals if v is not None]) if any(vals) else float("nan")
-        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {mean:.1%} |")
+        lines.append(f"| {row.name} | {_sampler(config, row)} | " + " | ".join(cells)
+                     + f" | {mean:.1%} | {s.seconds.get(row.name, float('nan')):.3f} |")  # fmt: skip
     if s.psnr:
         n = config.drift_chunks
         picks = sorted({1, max(1, n // 2), n})

@@ -9,6 +9,7 @@ alone, so every row of the table sees the same noise (a paired comparison).
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,6 +41,7 @@ class CaseResult:
     chunk_psnr: list[float] = field(default_factory=list)
     chunk_ssim: list[float] = field(default_factory=list)
     vae_psnr: list[float] = field(default_factory=list)  # the ground truth through the VAE: a ceiling
+    chunk_seconds: float = 0.0  # wall time per generated chunk (sampling only, not the decode)
     preview: np.ndarray | None = None  # (2, F, H, W, 3): generated over commanded truth (first cases)
 
     def to_dict(self) -> dict:
@@ -75,14 +77,16 @@ class Evaluator:
         return self.model(row.model)[1].model.framepack.target_frames
 
     @torch.no_grad()
-    def rollout(self, row: RowConfig, case: Case, chunks: int) -> np.ndarray:
-        """The generated frames (1 + 4 * chunks * T, H, W, 3) uint8 of ``case`` under ``row``."""
+    def rollout(self, row: RowConfig, case: Case, chunks: int) -> tuple[np.ndarray, float]:
+        """(the generated frames (1 + 4 * chunks * T, H, W, 3) uint8 of ``case`` under ``row``, seconds
+        per chunk of sampling)."""
         from astra.model.vae import frames_to_video, video_to_frames
         from astra.rollout import RolloutSession, generate_chunk
 
         model, astra = self.model(row.model)
-        sampler = {k: v for k, v in (("action_guidance", row.action_guidance), ("num_steps", row.num_steps))
-                   if v is not None}  # fmt: skip
+        sampler = {
+            k: v for k in ("action_guidance", "num_steps", "solver") if (v := getattr(row, k)) is not None
+        }
         if sampler:
             astra = derive(astra, {"sampler": sampler})
         t = astra.model.framepack.target_frames
@@ -93,9 +97,11 @@ class Evaluator:
             case.case_id, case.modality, start, prompt, raw_dim, case_seed(case.case_id)
         )
         rows = torch.from_numpy(case.rows)
+        began = time.perf_counter()
         for k in range(chunks):
             session, _ = generate_chunk(model, session, rows[1 + k * t : 1 + (k + 1) * t], astra)
-        return video_to_frames(self.vae.decode(session.history[None]))[0].numpy()
+        seconds = (time.perf_counter() - began) / chunks
+        return video_to_frames(self.vae.decode(session.history[None]))[0].numpy(), seconds
 
     def run(self, job: Job, preview: bool = False) -> list[CaseResult]:
         """The case under every row (a preview of the first row's rollout when asked)."""
@@ -115,8 +121,8 @@ class Evaluator:
             recon = video_to_frames(recon)[0].numpy()
         results = []
         for i, row in enumerate(c.rows):
-            generated = self.rollout(row, case, chunks)
-            result = CaseResult(row.name, job.modality, case.case_id, job.kind)
+            generated, seconds = self.rollout(row, case, chunks)
+            result = CaseResult(row.name, job.modality, case.case_id, job.kind, chunk_seconds=seconds)
             if job.kind == "accuracy":
                 best, result.distances = nearest(generated, case.truths)
                 result.correct = best == 0

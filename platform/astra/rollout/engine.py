@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from astra.config import AstraConfig
-from astra.diffusion.flow import sampling_sigmas, timestep_from_sigma
-from astra.diffusion.sampler import Guidance, VelocityFn, euler_sample
+from astra.diffusion.flow import timestep_from_sigma
+from astra.diffusion.sampler import Guidance, VelocityFn, sample
 from astra.model.framepack import ChunkInputs, concat_inputs, pack_chunk, plan_chunk
 from astra.model.text import pad_context
 from astra.model.transformer import AstraTransformer, TokenLayout
@@ -115,8 +115,8 @@ def generate_chunks(
 
     scfg = config.sampler
     guidance = Guidance(scfg.action_guidance, scfg.text_guidance, scfg.batch_branches)
-    sigmas = sampling_sigmas(scfg.num_steps, scfg.shift)
-    chunks = euler_sample(branch_velocity_fn(model, inputs, null), noise, sigmas, guidance).cpu()
+    velocity = branch_velocity_fn(model, inputs, null)
+    chunks = sample(velocity, noise, scfg.solver, scfg.num_steps, scfg.shift, guidance).cpu()
     advanced = [s.advanced(c, a, g) for s, c, a, g in zip(sessions, chunks, actions, generators, strict=True)]
     return advanced, chunks
 

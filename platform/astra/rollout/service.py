@@ -108,6 +108,10 @@ class RolloutService:
     def check_options(self, options: dict) -> dict:
         """Per-session sampler settings within the service's limits (ValueError naming the field)."""
         lim, out = self.config.limits, {}
+        if options.get("solver") is not None:
+            if options["solver"] not in ("euler", "unipc"):
+                raise ValueError("sampler.solver: must be 'euler' or 'unipc'")
+            out["solver"] = options["solver"]
         if options.get("num_steps") is not None:
             if not 1 <= int(options["num_steps"]) <= lim.max_sampler_steps:
                 raise ValueError(f"sampler.num_steps: must be within 1..{lim.max_sampler_steps} (limits)")
