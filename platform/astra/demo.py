@@ -58,7 +58,7 @@ FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=2
 FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=400, vae_steps=2400, pretrain_steps=1200, finetune_steps=2000, cases=60,
+WEIGHTS_PLAN = Plan(clips=400, vae_steps=1600, pretrain_steps=1200, finetune_steps=1000, cases=60,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6, ablations=len(ABLATIONS),
                     job_overrides=(CPUS,))  # fmt: skip
 
@@ -220,7 +220,10 @@ class Demo:
         )
         report = self.out / "eval"
         rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
-                {"name": "no actions", "model": "model", "action_guidance": 0.0}]  # fmt: skip
+                {"name": "no actions", "model": "model", "action_guidance": 0.0},
+                # few-step sampling against the many-step reference (the model's default is Euler 10)
+                {"name": "Euler 50 steps", "model": "model", "num_steps": 50},
+                {"name": "UniPC 4 steps", "model": "model", "solver": "unipc", "num_steps": 4}]  # fmt: skip
         extra = []
         for i, (name, folder) in enumerate(ablations.items()):
             rows.append({"name": name, "model": f"ablation{i}"})
