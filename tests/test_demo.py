@@ -141,3 +141,13 @@ def test_committed_demo_weights_load_and_generate():
         session, chunk = generate_chunk(model, session, torch.zeros(2, 12), cfg)
         video = vae.decode(session.history[None])
     assert torch.isfinite(chunk).all() and video.shape == (1, 3, 9, 64, 64)
+    # the ablation models: one per ablations.json entry, each with its own change in its config
+    from astra.train.config import load_train_config
+
+    ablations = json.loads((WEIGHTS / "ablations.json").read_text())
+    assert len(ablations) >= 4
+    for folder, entry in ablations.items():
+        expected = load_train_config(None, ["preset=demo", *entry["overrides"]]).astra.model
+        assert read_model_config(WEIGHTS / folder) == expected, entry["name"]
+        load_astra(WEIGHTS / folder, base=WEIGHTS / "wan")
+    assert (WEIGHTS / "report" / "report.md").is_file() and (WEIGHTS / "report" / "accuracy.png").is_file()
