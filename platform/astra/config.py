@@ -351,6 +351,33 @@ class SamplerConfig(FrozenModel):
     )
 
 
+class RuntimeConfig(FrozenModel):
+    """How the model runs (not what it is): attention kernels and compilation, for inference."""
+
+    attention_backend: str = Field(
+        "auto",
+        description="diffusers' attention dispatcher backend: 'auto' (flash-attn, else SageAttention, when "
+        "installed and on CUDA; else PyTorch SDPA), or a name of diffusers.attention_dispatch."
+        "AttentionBackendName without '_hub' (those download kernels), e.g. 'native', 'flash', 'sage'.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block (minutes of warm-up; for long-lived replicas).",
+    )
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = sorted(b.value for b in AttentionBackendName if not b.value.endswith("_hub"))
+        if v != "auto" and v not in names:
+            raise ValueError(
+                f"must be 'auto' or one of {names} (no '_hub': nothing is downloaded), got {v!r}"
+            )
+        return v
+
+
 class AstraConfig(FrozenModel):
     """Everything the library needs; jobs and serving add their own sections on top."""
 
@@ -358,6 +385,9 @@ class AstraConfig(FrozenModel):
     vae: VAEConfig = Field(default_factory=VAEConfig, description="The video VAE.")
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig, description="Training objective.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="Chunk sampling at inference.")
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="Attention kernels, compilation."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AstraConfig:

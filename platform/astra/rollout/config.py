@@ -47,6 +47,9 @@ class ModelSource(FrozenModel):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ URIs.")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint for s3:// weights.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the transformer runs; 'auto': the replica's GPU when it has one, else CPU."
+    )
     cache_dir: str = Field(
         "runs/serve-cache", description="Where downloaded weights (s3://, models:/) are kept on a replica."
     )

@@ -19,6 +19,7 @@ from astra.config import AstraConfig, ConfigError, derive
 from astra.data.storage import resolve
 from astra.model import AstraTransformer, build_wan
 from astra.model.io import CONFIG_NAME, load_astra, read_model_config
+from astra.model.runtime import apply_runtime
 from astra.rollout.config import ModelSource
 
 
@@ -71,7 +72,8 @@ def check_source(source: ModelSource) -> None:
 
 
 def load_served_model(source: ModelSource, astra: AstraConfig) -> tuple[AstraTransformer, AstraConfig]:
-    """(the model in eval mode, the AstraConfig with the checkpoint's own architecture)."""
+    """(the model in eval mode on its device, with ``astra.runtime``'s attention kernel and compilation;
+    the AstraConfig with the checkpoint's own architecture)."""
     dtype = getattr(torch, source.dtype)
     if source.uri is None:
         torch.manual_seed(source.base_seed)
@@ -88,5 +90,6 @@ def load_served_model(source: ModelSource, astra: AstraConfig) -> tuple[AstraTra
                 base = build_wan(mcfg.backbone)
         model = load_astra(folder, base=base, dtype=dtype)
         astra = derive(astra, {"model": mcfg.model_dump(mode="json")})
-    model = model.to(dtype).eval().requires_grad_(False)
-    return model, astra
+    device = source.device if source.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return apply_runtime(model, astra.runtime), astra
