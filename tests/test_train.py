@@ -297,3 +297,15 @@ def test_wan_weights_of_another_architecture_are_named_before_any_worker(tmp_pat
     ):
         check_model(config)
     check_model(_config(tmp_path, tmp_path / "runs", "init.kind=wan", f"init.path={tmp_path / 'wan'}"))
+
+
+def test_workers_must_fit_the_cluster_unless_it_autoscales():
+    from astra.config import ConfigError
+    from astra.train.config import load_train_config
+    from astra.train.run import worker_cpus
+
+    gpus = ["preset=tiny", "parallel.workers=8", "parallel.use_gpu=true"]
+    with pytest.raises(ConfigError, match=r"parallel\.workers: 8 GPU workers need 8 GPUs, the cluster has 0"):
+        worker_cpus(load_train_config(None, gpus), {"CPU": 4.0})  # a head node before any GPU node
+    assert worker_cpus(load_train_config(None, [*gpus, "parallel.fit_to_cluster=false"]), {"CPU": 4.0}) == 1.0
+    assert worker_cpus(load_train_config(None, ["preset=tiny", "parallel.workers=2"]), {"CPU": 2.0}) == 1.0

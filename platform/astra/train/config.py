@@ -106,6 +106,12 @@ class ParallelConfig(FrozenModel):
         gt=0,
         description="CPUs reserved per worker; None: 1, or less on a small cluster so that every worker fits.",
     )
+    fit_to_cluster: bool = Field(
+        True,
+        description="Check the workers fit the cluster's CPUs / GPUs at start (fail at once, naming the "
+        "setting, if not). False on an autoscaling cluster that adds GPU nodes on demand: the workers' "
+        "request then waits for the autoscaler.",
+    )
     fsdp: bool = Field(True, description="FSDP2 fully_shard per block and at the root (False: replicate).")
     param_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Compute dtype of the sharded parameters (master weights stay float32)."

@@ -68,6 +68,8 @@ def worker_cpus(config: TrainConfig, cluster: dict[str, float]) -> float:
     """CPUs per worker that fit ``cluster`` (``ray.cluster_resources()``) beside each worker's data
     reads; ConfigError naming the settings when the workers cannot all run at once."""
     p = config.parallel
+    if not p.fit_to_cluster:  # an autoscaling cluster: the request waits for nodes
+        return p.cpus_per_worker or 1.0
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if p.use_gpu and gpus < p.workers:
         raise ConfigError(
