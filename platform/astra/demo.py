@@ -53,8 +53,10 @@ class Plan:
 
 
 CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
+# (the full demo continues the committed adapter: a gentle learning rate, a short warm-up)
 FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
-            drift_chunks=10, rollout_chunks=6, ablations=0, job_overrides=(CPUS,))  # fmt: skip
+            drift_chunks=10, rollout_chunks=6, ablations=0,
+            job_overrides=(CPUS, "optim.lr=1e-4", "optim.warmup_steps=5"))  # fmt: skip
 FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
