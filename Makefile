@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-weights test test-fast lint format bench clean
+.PHONY: install demo demo-weights test test-fast lint format bench bench-gpu clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,11 +41,22 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The CPU benchmarks, each printing its ratio last; bench/gpu.py too when torch sees a CUDA device.
 bench: $(STAMP)
 	$(PY) bench/encode.py
 	$(PY) bench/store.py
 	$(PY) bench/train.py
 	$(PY) bench/serve.py
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(MAKE) --no-print-directory bench-gpu; \
+	else \
+		echo "bench/gpu.py skipped: torch.cuda.is_available() is False (run make bench-gpu on a GPU box)"; \
+	fi
+
+# wan2.1-1.3b at 480x832 on one CUDA GPU (random bf16 weights); the numbers also go to $(GPU_JSON).
+GPU_JSON ?= out/bench/gpu.json
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py --json $(GPU_JSON) $(GPU_BENCH_ARGS)
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix .
