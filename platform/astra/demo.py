@@ -113,11 +113,11 @@ class Demo:
         """``job_overrides`` for the training job, whose validation setting lives under ``data``."""
         return [("data." + o) if o.startswith("val_clips") else o for o in self.plan.job_overrides]
 
-    def finished(self, name: str) -> Path | None:
+    def finished(self, name: str, marker: str = "config.json") -> Path | None:
         """The weights a previous run of this demo folder already trained and downloaded (a stage that
         takes most of an hour is not redone when a later one failed); delete the folder to retrain."""
         folder = self.out / "weights" / name
-        if (folder / "config.json").is_file():
+        if (folder / marker).is_file():
             print(f"  {folder} already holds them (from an earlier run here; delete it to retrain)")
             return folder
         return None
@@ -186,6 +186,9 @@ class Demo:
         out = {}
         for i, (name, overrides) in enumerate(list(ABLATIONS.items())[: self.plan.ablations]):
             self.stage(f"3b. ablation '{name}': fine-tune with {' '.join(overrides)}")
+            if (done := self.finished(f"ablation-{i}", "astra_config.json")) is not None:
+                out[name] = done
+                continue
             storage, run = self.out / "train", f"demo-ablation-{i}"
             text = self.run(self.py, "jobs/train.py", "preset=demo", "init.kind=wan", f"init.path={wan}",
                             f"data.store.uri={store}", f"storage_path={storage}", f"run_name={run}",
