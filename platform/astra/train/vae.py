@@ -50,6 +50,9 @@ class VAEParallelConfig(FrozenModel):
         None, gt=0, description="CPUs reserved per worker; None: 1, or less so that every worker fits."
     )
     max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint.")
+    fit_to_cluster: bool = Field(
+        True, description="Check the workers fit the cluster at start; False on an autoscaling cluster."
+    )
 
 
 class VAETrainConfig(FrozenModel):
