@@ -318,3 +318,10 @@ def test_workers_must_fit_the_cluster_unless_it_autoscales():
         worker_cpus(load_train_config(None, gpus), {"CPU": 4.0})  # a head node before any GPU node
     assert worker_cpus(load_train_config(None, [*gpus, "parallel.fit_to_cluster=false"]), {"CPU": 4.0}) == 1.0
     assert worker_cpus(load_train_config(None, ["preset=tiny", "parallel.workers=2"]), {"CPU": 2.0}) == 1.0
+    from astra.train.vae import load_vae_train_config  # the VAE job sizes its workers the same way
+
+    assert (
+        worker_cpus(load_vae_train_config(None, ["preset=tiny", "parallel.fit_to_cluster=false"]), {}) == 1.0
+    )
+    with pytest.raises(ConfigError, match=r"^parallel: 1 workers x 1 CPU"):
+        worker_cpus(load_vae_train_config(None, ["preset=tiny", "parallel.cpus_per_worker=1"]), {"CPU": 0.5})
