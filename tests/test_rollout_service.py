@@ -51,6 +51,20 @@ def _step(service: RolloutService, sid: str, key: str) -> torch.Tensor:
         service.release(sid)
 
 
+def _assert_batched_equals_alone(service: RolloutService, ids: list[str], alone: list, prefix: str) -> None:
+    """Forks of ``ids`` at step 0, stepped "W" in one ``generate`` call, give each session's ``alone`` chunk."""
+    forks = [
+        service.fork(sid, 0, f"{prefix}-{i:0{21 - len(prefix)}d}")["session_id"] for i, sid in enumerate(ids)
+    ]
+    lives = [service.checkout(f) for f in forks]
+    rows = [service.actions(lv, keys=[KeyCommand(keys=("W",), frames=2)]) for lv in lives]
+    together = service.generate(list(zip(lives, rows, strict=True)))
+    for f in forks:
+        service.release(f)
+    for one, many in zip(alone, together, strict=True):
+        torch.testing.assert_close(many.history[:, -2:], one, atol=1e-5, rtol=0)
+
+
 def test_streamed_decoding_equals_a_whole_decode_and_catches_up(tiny_config):
     vae = WanVAE.from_config(tiny_config.vae).eval()
     latents = torch.randn(4, 7, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -159,14 +173,7 @@ def test_batched_sessions_match_one_at_a_time_up_to_float_reassociation(make_ser
     ids = [service.create(f"batch-session-{i:08d}", "a field", "camera", i, _image(i))[0]["session_id"]
            for i in range(4)]  # fmt: skip
     alone = [_step(service, sid, "W") for sid in ids]
-    forks = [service.fork(sid, 0, f"batch-fork-{i:011d}")["session_id"] for i, sid in enumerate(ids)]
-    lives = [service.checkout(f) for f in forks]
-    rows = [service.actions(lv, keys=[KeyCommand(keys=("W",), frames=2)]) for lv in lives]
-    together = service.generate(list(zip(lives, rows, strict=True)))
-    for f in forks:
-        service.release(f)
-    for one, many in zip(alone, together, strict=True):
-        torch.testing.assert_close(many.history[:, -2:], one, atol=1e-5, rtol=0)
+    _assert_batched_equals_alone(service, ids, alone, "batch-fork")
 
 
 def test_served_weights_from_a_registered_mlflow_model(tmp_path, tiny_config, tiny_model):
@@ -264,13 +271,6 @@ def test_the_solver_is_chosen_per_session_and_batches_apart(make_service):
            for i, sampler in enumerate(options)]  # fmt: skip
     alone = [_step(service, sid, "W") for sid in ids]
     assert torch.equal(alone[1], alone[3]) and not torch.allclose(alone[0], alone[1])
-    forks = [service.fork(sid, 0, f"solver-fork-{i:010d}")["session_id"] for i, sid in enumerate(ids)]
-    lives = [service.checkout(f) for f in forks]
-    rows = [service.actions(lv, keys=[KeyCommand(keys=("W",), frames=2)]) for lv in lives]
-    together = service.generate(list(zip(lives, rows, strict=True)))
-    for f in forks:
-        service.release(f)
-    for one, many in zip(alone, together, strict=True):
-        torch.testing.assert_close(many.history[:, -2:], one, atol=1e-5, rtol=0)
+    _assert_batched_equals_alone(service, ids, alone, "solver-fork")
     with pytest.raises(ValueError, match=r"sampler\.solver"):
         service.check_options({"solver": "heun"})
