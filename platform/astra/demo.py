@@ -41,7 +41,8 @@ class Plan:
     """How big each stage is (full demo, ``DEMO_FAST=1``, and ``--weights``)."""
 
     clips: int
-    vae_steps: int
+    vae_steps: int  # the first VAE stage (9-frame windows)
+    vae_long_steps: int  # the second (17-frame windows)
     pretrain_steps: int
     finetune_steps: int
     cases: int
@@ -54,13 +55,13 @@ class Plan:
 
 CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
 # (the full demo continues the committed adapter: a gentle learning rate, a short warm-up)
-FULL = Plan(clips=240, vae_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
+FULL = Plan(clips=240, vae_steps=0, vae_long_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
             drift_chunks=10, rollout_chunks=6, ablations=0,
             job_overrides=(CPUS, "optim.lr=1e-4", "optim.warmup_steps=5"))  # fmt: skip
-FAST = Plan(clips=12, vae_steps=4, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
+FAST = Plan(clips=12, vae_steps=4, vae_long_steps=2, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=400, vae_steps=1600, pretrain_steps=1200, finetune_steps=1000, cases=60,
+WEIGHTS_PLAN = Plan(clips=400, vae_steps=1600, vae_long_steps=400, pretrain_steps=1200, finetune_steps=1000, cases=60,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6, ablations=len(ABLATIONS),
                     job_overrides=(CPUS,))  # fmt: skip
 
@@ -141,16 +142,27 @@ class Demo:
         return clips / "manifest.jsonl"
 
     def vae(self, manifest: Path) -> Path:
+        """The VAE in two stages: ``preset=demo`` (9-frame windows), then ``preset=demo-long`` (17-frame
+        windows from the first stage's weights; see astra/train/vae.py)."""
         if not self.from_scratch:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"
-        self.stage(f"1b. train the VAE on the worlds ({self.plan.vae_steps} steps)")
-        if (done := self.finished("vae")) is not None:
-            return done
-        storage = self.out / "vae"
-        text = self.run(self.py, "jobs/train_vae.py", "preset=demo", f"manifest={manifest}", f"storage_path={storage}",
-                        f"max_steps={self.plan.vae_steps}", "run_name=demo-vae", *self.plan.job_overrides)  # fmt: skip
-        return self.download(text, "vae", self.tracking(storage, "demo-vae"), self.out / "weights" / "vae")
+        p, start = self.plan, None
+        for preset, steps, name in (
+            ("demo", p.vae_steps, "vae-short"),
+            ("demo-long", p.vae_long_steps, "vae"),
+        ):
+            self.stage(f"1b. train the VAE on the worlds (preset={preset}, {steps} steps)")
+            if (done := self.finished(name)) is not None:
+                start = done
+                continue
+            storage, run = self.out / "vae", f"demo-{name}"
+            init = [f"vae.pretrained_path={start}"] if start is not None else []
+            text = self.run(self.py, "jobs/train_vae.py", f"preset={preset}", f"manifest={manifest}", *init,
+                            f"storage_path={storage}", f"max_steps={steps}", f"run_name={run}",
+                            *self.plan.job_overrides)  # fmt: skip
+            start = self.download(text, "vae", self.tracking(storage, run), self.out / "weights" / name)
+        return start
 
     def encode(self, manifest: Path, vae: Path) -> Path:
         self.stage("2. encode the clips into the latent store (Ray Data, the VAE)")
