@@ -18,8 +18,6 @@ Outputs land in ``runs/demo`` (``DEMO_DIR``): ``rollout.mp4``, ``eval/report.md`
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 import signal
 import socket
@@ -58,38 +56,6 @@ class ServedDemo(Demo):
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, timeout_s=300)
         return url
-
-    def rollout(self, url: str) -> Path:
-        """A scripted rollout through the HTTP API: a held-out camera world, walk and turn."""
-        self.stage(f"6. a scripted rollout over HTTP ({self.plan.rollout_chunks} chunks) -> rollout.mp4")
-        import httpx
-        from PIL import Image
-
-        from astra.data.synthetic import initial_state, make_world, prompt_of, render
-
-        world = make_world("camera", 424242, dt=1 / 16)
-        png = io.BytesIO()
-        Image.fromarray(render(world, initial_state(world), (64, 64))).save(png, format="PNG")
-        body = {"prompt": prompt_of(world), "modality": "camera", "seed": 0,
-                "image_base64": base64.b64encode(png.getvalue()).decode()}  # fmt: skip
-        r = httpx.post(f"{url}/v1/sessions", json=body, timeout=120)
-        r.raise_for_status()
-        sid = r.json()["session_id"]
-        chunk = httpx.get(f"{url}/v1/config", timeout=30).json()["chunk_latents"]
-        script = [["W"], ["W", "ArrowLeft"], ["W"], ["W", "ArrowRight"], ["S"], ["ArrowLeft"]]
-        for k in range(self.plan.rollout_chunks):
-            keys = script[k % len(script)]
-            step = httpx.post(f"{url}/v1/sessions/{sid}/step", json={"keys": [{"keys": keys, "frames": chunk}], "stream": False},
-                              timeout=300)  # fmt: skip
-            step.raise_for_status()
-            print(
-                f"  chunk {k + 1}: keys {'+'.join(keys)} -> {len(step.json()['frames'])} frames", flush=True
-            )
-        video = httpx.get(f"{url}/v1/sessions/{sid}/video", timeout=300)
-        video.raise_for_status()
-        path = self.out / "rollout.mp4"
-        path.write_bytes(video.content)
-        return path
 
 
 def free_port(preferred: int) -> int:

@@ -3,12 +3,15 @@
 ``Demo`` runs, in order, ``python -m astra.data.synthetic``, ``jobs/train_vae.py``, ``jobs/encode.py``,
 ``jobs/train.py stage=pretrain``, ``jobs/train.py`` and ``jobs/evaluate.py`` of this checkout as
 subprocesses, exactly as a user would type them (their output streamed, their exports fetched back from
-MLflow); ``Plan`` says how big each stage is. Serving the result lives in ``jobs/demo.py`` (it needs the
-Serve application of ``serving/``, which the library does not import).
+MLflow); ``Plan`` says how big each stage is; ``Demo.rollout`` drives a served model over plain HTTP. Starting
+Ray Serve lives in ``jobs/demo.py`` (it needs the Serve application of ``serving/``, which the library
+does not import).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -250,6 +253,39 @@ class Demo:
                  f"astra.vae.pretrained_path={vae}", f"train_store.uri={store}", f"report_dir={report}",
                  f"cases={p.cases}", f"drift_cases={p.drift_cases}", f"drift_chunks={p.drift_chunks}")  # fmt: skip
         return report / "report.md"
+
+    def rollout(self, url: str) -> Path:
+        """A scripted rollout through the HTTP API of the served model at ``url``: a held-out camera
+        world, walk and turn; the session's MP4 is written to ``rollout.mp4``."""
+        self.stage(f"6. a scripted rollout over HTTP ({self.plan.rollout_chunks} chunks) -> rollout.mp4")
+        import httpx
+        from PIL import Image
+
+        from astra.data.synthetic import initial_state, make_world, prompt_of, render
+
+        world = make_world("camera", 424242, dt=1 / 16)
+        png = io.BytesIO()
+        Image.fromarray(render(world, initial_state(world), (64, 64))).save(png, format="PNG")
+        body = {"prompt": prompt_of(world), "modality": "camera", "seed": 0,
+                "image_base64": base64.b64encode(png.getvalue()).decode()}  # fmt: skip
+        r = httpx.post(f"{url}/v1/sessions", json=body, timeout=120)
+        r.raise_for_status()
+        sid = r.json()["session_id"]
+        chunk = httpx.get(f"{url}/v1/config", timeout=30).json()["chunk_latents"]
+        script = [["W"], ["W", "ArrowLeft"], ["W"], ["W", "ArrowRight"], ["S"], ["ArrowLeft"]]
+        for k in range(self.plan.rollout_chunks):
+            keys = script[k % len(script)]
+            step = httpx.post(f"{url}/v1/sessions/{sid}/step", json={"keys": [{"keys": keys, "frames": chunk}], "stream": False},
+                              timeout=300)  # fmt: skip
+            step.raise_for_status()
+            print(
+                f"  chunk {k + 1}: keys {'+'.join(keys)} -> {len(step.json()['frames'])} frames", flush=True
+            )
+        video = httpx.get(f"{url}/v1/sessions/{sid}/video", timeout=300)
+        video.raise_for_status()
+        path = self.out / "rollout.mp4"
+        path.write_bytes(video.content)
+        return path
 
 
 def install_weights(out: Path, into: Path) -> None:
