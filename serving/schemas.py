@@ -7,10 +7,9 @@ session's modality, keyboard / mouse ``keys`` (camera) or ``drive`` commands (dr
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from astra.config import Solver
 from astra.rollout.commands import DriveCommand, KeyCommand
 
 
@@ -30,7 +29,7 @@ class Strict(BaseModel):
 
 
 class SamplerOptions(Strict):
-    solver: Literal["euler", "unipc"] | None = Field(
+    solver: Solver | None = Field(
         None, description="'euler' or 'unipc' (few-step: e.g. 8 steps); server default if unset."
     )
     num_steps: int | None = Field(None, ge=1, description="Solver steps per chunk (server default if unset).")

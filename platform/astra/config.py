@@ -331,10 +331,14 @@ class DiffusionConfig(FrozenModel):
         return v
 
 
+#: the chunk samplers of astra.diffusion.sampler (a session, an evaluation row or the config picks one)
+Solver = Literal["euler", "unipc"]
+
+
 class SamplerConfig(FrozenModel):
     """Flow sampling of one chunk (Euler or UniPC) with Action-Free Guidance."""
 
-    solver: Literal["euler", "unipc"] = Field(
+    solver: Solver = Field(
         "euler",
         description="'euler': the reference's Euler steps; 'unipc': diffusers' UniPC multistep solver in "
         "flow mode (Wan-2.1's own), for few-step sampling (e.g. 8 steps instead of 50).",

@@ -9,11 +9,11 @@ null-action velocity) or zero the commanded actions.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
-from astra.config import PRESETS, AstraConfig, FrozenModel, TextEncoderConfig, load_config
+from astra.config import PRESETS, AstraConfig, FrozenModel, Solver, TextEncoderConfig, load_config
 from astra.data.storage import StorageConfig
 from astra.rollout.config import ModelSource
 from astra.runtime import RayConfig, resolve_local
@@ -29,9 +29,15 @@ class RowConfig(FrozenModel):
         "1: AFG off; 0: the null-action velocity only (no-action baseline).",
     )  # fmt: skip
     num_steps: int | None = Field(None, ge=1, description="Sampler steps; None: sampler.num_steps.")
-    solver: Literal["euler", "unipc"] | None = Field(
+    solver: Solver | None = Field(
         None, description="Sampler solver ('euler' | 'unipc'); None: sampler.solver."
     )
+
+    def sampler_overrides(self) -> dict[str, Any]:
+        """The sampler settings this row changes (for ``derive(astra, {"sampler": ...})``)."""
+        return {
+            k: v for k in ("action_guidance", "num_steps", "solver") if (v := getattr(self, k)) is not None
+        }
 
 
 class EvalConfig(FrozenModel):

@@ -90,11 +90,10 @@ def _plots(config: EvalConfig, s: Summary, out: Path) -> list[str]:
 
 def _sampler(config: EvalConfig, row) -> str:
     """The row's sampler, e.g. 'euler 10, AFG 3'."""
-    base = config.astra.sampler
-    solver = row.solver or base.solver
-    steps = row.num_steps or base.num_steps
-    afg = base.action_guidance if row.action_guidance is None else row.action_guidance
-    return f"{solver} {steps}, AFG {afg:g}"
+    from astra.config import derive
+
+    sampler = derive(config.astra, {"sampler": row.sampler_overrides()}).sampler
+    return f"{sampler.solver} {sampler.num_steps}, AFG {sampler.action_guidance:g}"
 
 
 def _previews(results: list[CaseResult], out: Path) -> list[str]:

@@ -84,9 +84,7 @@ class Evaluator:
         from astra.rollout import RolloutSession, generate_chunk
 
         model, astra = self.model(row.model)
-        sampler = {
-            k: v for k in ("action_guidance", "num_steps", "solver") if (v := getattr(row, k)) is not None
-        }
+        sampler = row.sampler_overrides()
         if sampler:
             astra = derive(astra, {"sampler": sampler})
         t = astra.model.framepack.target_frames

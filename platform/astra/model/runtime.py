@@ -38,11 +38,15 @@ def set_attention_backend(model: torch.nn.Module, backend: str) -> None:
     """Every attention processor of ``model`` uses ``backend`` (diffusers' own setter, on our module)."""
     from diffusers import ModelMixin
 
-    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)  # "experimental" notice
+    notices = logging.getLogger("diffusers.models.modeling_utils")  # its "experimental feature" warning
+    level = notices.level
+    notices.setLevel(logging.ERROR)
     try:
         ModelMixin.set_attention_backend(model, backend)
     except (RuntimeError, ValueError, ImportError) as err:  # e.g. the backend's package is missing
         raise ConfigError(f"astra.runtime.attention_backend: {backend!r} cannot run here: {err}") from err
+    finally:
+        notices.setLevel(level)
 
 
 def apply_runtime(model: torch.nn.Module, runtime: RuntimeConfig) -> torch.nn.Module:

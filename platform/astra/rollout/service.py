@@ -23,11 +23,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 import torch
 
-from astra.config import AstraConfig, ConfigError, derive
+from astra.config import AstraConfig, ConfigError, Solver, derive
 from astra.model.framepack import plan_chunk
 from astra.model.text import build_text_encoder
 from astra.model.vae import WanVAE, frames_to_video, video_to_frames
@@ -109,8 +110,8 @@ class RolloutService:
         """Per-session sampler settings within the service's limits (ValueError naming the field)."""
         lim, out = self.config.limits, {}
         if options.get("solver") is not None:
-            if options["solver"] not in ("euler", "unipc"):
-                raise ValueError("sampler.solver: must be 'euler' or 'unipc'")
+            if options["solver"] not in get_args(Solver):
+                raise ValueError(f"sampler.solver: must be one of {list(get_args(Solver))}")
             out["solver"] = options["solver"]
         if options.get("num_steps") is not None:
             if not 1 <= int(options["num_steps"]) <= lim.max_sampler_steps:
