@@ -160,6 +160,7 @@ async function init() {
     $("modality").add(new Option(m, m));
   }
   $("start").onclick = start;
+  $("start").disabled = false;  // enabled only once the service's configuration is known
   $("download").onclick = download;
   document.querySelectorAll("button[data-key]").forEach((b) => { b.onclick = () => press(b.dataset.key); });
   document.addEventListener("keydown", (ev) => {
