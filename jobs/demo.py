@@ -38,15 +38,12 @@ class ServedDemo(Demo):
     def serve(self, vae: Path, wan: Path, registered: str, port: int) -> str:
         """The registered adapter version (MLflow's registry, as a cluster would serve it) behind HTTP."""
         self.stage(f"5. serve {registered} over HTTP (Ray Serve)")
-        import ray
         from ray import serve
 
         from serving.app import build
         from serving.client import wait_ready
 
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith(("RAY_", "HF_", "MLFLOW_"))})
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING")  # fmt: skip
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("MLFLOW_")})
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         tracking = self.tracking(self.out / "train", "demo-finetune")
         args = {"preset": "demo", "model.uri": registered, "model.tracking_uri": tracking, "model.base": str(wan),
@@ -91,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if demo.from_scratch and plan is FULL:  # no committed weights: train them as --weights does
         print(f"note: no weights in {WEIGHTS}; training them from scratch first (see models/demo/README.md)")
         demo.plan = WEIGHTS_PLAN
+    demo.start_ray()
     manifest = demo.data()
     vae = demo.vae(manifest)
     store = demo.encode(manifest, vae)

@@ -44,28 +44,32 @@ class Plan:
     """How big each stage is (full demo, ``DEMO_FAST=1``, and ``--weights``)."""
 
     clips: int
-    vae_steps: int  # the first VAE stage (9-frame windows)
-    vae_long_steps: int  # the second (17-frame windows)
+    vae_steps: tuple[int, int, int]  # steps of each stage of VAE_STAGES (0: skipped)
     pretrain_steps: int
     finetune_steps: int
     cases: int
     drift_cases: int
     drift_chunks: int
     rollout_chunks: int
+    reference_steps: int  # the many-step Euler row of the evaluation (the model's default is 10)
     ablations: int  # how many of ABLATIONS --weights trains (the reduced mode: one, to try the path)
     job_overrides: tuple[str, ...] = ()  # settings of the training jobs (few clips, CPUs per worker)
 
 
+# the VAE's stages (vae presets of astra/train/vae.py) and the weights folder each one leaves; the
+# last stage's is the VAE the later stages use
+VAE_STAGES = (("demo", "vae-short"), ("demo-long", "vae-17"), ("demo-whole", "vae"))
 CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
 # (the full demo continues the committed adapter: a gentle learning rate, a short warm-up)
-FULL = Plan(clips=240, vae_steps=0, vae_long_steps=0, pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
-            drift_chunks=10, rollout_chunks=6, ablations=0,
+FULL = Plan(clips=240, vae_steps=(0, 0, 0), pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
+            drift_chunks=10, rollout_chunks=6, reference_steps=50, ablations=0,
             job_overrides=(CPUS, "optim.lr=1e-4", "optim.warmup_steps=5"))  # fmt: skip
-FAST = Plan(clips=12, vae_steps=4, vae_long_steps=2, pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
-            drift_chunks=2, rollout_chunks=2, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
+FAST = Plan(clips=12, vae_steps=(4, 0, 0), pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
+            drift_chunks=2, rollout_chunks=2, reference_steps=12, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=400, vae_steps=1600, vae_long_steps=400, pretrain_steps=1200, finetune_steps=1000, cases=60,
-                    drift_cases=8, drift_chunks=10, rollout_chunks=6, ablations=len(ABLATIONS),
+WEIGHTS_PLAN = Plan(clips=400, vae_steps=(1600, 400, 400), pretrain_steps=1200, finetune_steps=1000, cases=60,
+                    drift_cases=8, drift_chunks=10, rollout_chunks=6, reference_steps=50,
+                    ablations=len(ABLATIONS),
                     job_overrides=(CPUS,))  # fmt: skip
 
 
@@ -77,6 +81,17 @@ class Demo:
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
                         MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")  # fmt: skip
         self.env.setdefault("RAY_AUTH_MODE", "disabled")  # an in-process Ray of this machine only
+
+    def start_ray(self) -> None:
+        """One local Ray for all the stages, started here: each job joins it by address, as jobs join a
+        cluster (``RAY_ADDRESS``), instead of starting one of its own (10-15 s each on 2 cores). With
+        the dashboard: Ray Train's controller queries the state API."""
+        import ray
+
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith(("RAY_", "HF_"))})
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, log_to_driver=False,
+                 logging_level="WARNING")  # fmt: skip
+        self.env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
     # ------------------------------------------------------------------ helpers
 
@@ -145,16 +160,17 @@ class Demo:
         return clips / "manifest.jsonl"
 
     def vae(self, manifest: Path) -> Path:
-        """The VAE in two stages: ``preset=demo`` (9-frame windows), then ``preset=demo-long`` (17-frame
-        windows from the first stage's weights; see astra/train/vae.py)."""
+        """The VAE in stages (VAE_STAGES: 9-, 17-, then 33-frame windows, each from the previous stage's
+        weights; see astra/train/vae.py); a stage of 0 steps is skipped."""
         if not self.from_scratch:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"
-        p, start = self.plan, None
-        for preset, steps, name in (
-            ("demo", p.vae_steps, "vae-short"),
-            ("demo-long", p.vae_long_steps, "vae"),
-        ):
+        stages = [
+            (preset, name, n) for (preset, name), n in zip(VAE_STAGES, self.plan.vae_steps, strict=True) if n
+        ]
+        start = None
+        for i, (preset, stage_name, steps) in enumerate(stages):
+            name = "vae" if i == len(stages) - 1 else stage_name  # the last one run is the VAE
             self.stage(f"1b. train the VAE on the worlds (preset={preset}, {steps} steps)")
             if (done := self.finished(name)) is not None:
                 start = done
@@ -242,7 +258,7 @@ class Demo:
         rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
                 {"name": "no actions", "model": "model", "action_guidance": 0.0},
                 # few-step sampling against the many-step reference (the model's default is Euler 10)
-                {"name": "Euler 50 steps", "model": "model", "num_steps": 50},
+                {"name": f"Euler {p.reference_steps} steps", "model": "model", "num_steps": p.reference_steps},
                 {"name": "UniPC 4 steps", "model": "model", "solver": "unipc", "num_steps": 4}]  # fmt: skip
         extra = []
         for i, (name, folder) in enumerate(ablations.items()):
