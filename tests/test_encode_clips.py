@@ -183,7 +183,7 @@ def _release(fifo: Path) -> None:
 
 def test_watchdog_names_a_hanging_read_and_gives_up(tmp_path, ray_local, caplog):
     manifest, fifo = _with_fifo_clip(tmp_path)
-    limits = ["compute.decode_timeout_s=null", "watchdog.warn_after_s=4", "watchdog.fail_after_s=30"]
+    limits = ["compute.decode_timeout_s=null", "watchdog.warn_after_s=4", "watchdog.fail_after_s=15"]
     config = _config(manifest, tmp_path / "store", *limits)
     try:
         with caplog.at_level(logging.WARNING, logger="astra.encode"), pytest.raises(EncodeStalled):

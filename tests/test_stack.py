@@ -1,6 +1,7 @@
 """The remote modes end to end on one box, against `infra/local_stack.py` (a real S3-protocol server and a
-real MLflow tracking server on loopback): encode to S3, train with S3 checkpoints and remote MLflow (a
-worker dies once and the group resumes from S3), serve the registered model with sessions on S3."""
+real MLflow tracking server on loopback): encode to S3; train with S3 checkpoints and remote MLflow (FSDP2
+on two workers, one of which dies once: the group resumes from S3; the run learns, is tracked, registers
+its adapter); serve the registered version with sessions on S3."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import mlflow
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 from conftest import free_port, job_env
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -28,6 +31,8 @@ from astra.data.storage import resolve
 from astra.data.synthetic import write_dataset
 from astra.encode.config import load_encode_config
 from astra.encode.pipeline import run_encode
+from astra.model import build_wan
+from astra.model.io import load_astra
 from astra.train.config import load_train_config, resolve_paths
 from astra.train.dataset import plan_data
 from astra.train.run import run_training
@@ -81,8 +86,9 @@ def test_encode_train_serve_against_the_local_stack(stack, ray_local, tmp_path):
                                        f"store.s3_endpoint={s3_endpoint}"])  # fmt: skip
     assert run_encode(encode).encoded == 12
 
-    # 2. train from the S3 store, checkpoints on S3, runs on the tracking server; a worker dies once at
-    #    step 5: Ray Train restarts the group from the last checkpoint registered (read back from S3)
+    # 2. train from the S3 store, checkpoints on S3, runs on the tracking server, FSDP2 over 2 workers in
+    #    bf16; a worker dies once at step 5: Ray Train restarts the group from the last checkpoint
+    #    registered (read back from S3)
     name = f"astra-stack-{uuid.uuid4().hex[:8]}"
     on_s3 = ["preset=tiny", f"data.store.uri=s3://{prefix}/store", f"data.store.s3_endpoint={s3_endpoint}",
              f"storage_path=s3://{prefix}/runs", f"storage_s3_endpoint={s3_endpoint}"]  # fmt: skip
@@ -90,12 +96,12 @@ def test_encode_train_serve_against_the_local_stack(stack, ray_local, tmp_path):
         resolve_paths(load_train_config(None, on_s3))  # no local default for a remote run's tracking
     config = resolve_paths(load_train_config(None, [
         *on_s3, f"tracking.tracking_uri={tracking}", f"tracking.register_as={name}", "log_every=1",
-        "parallel.workers=2", "parallel.max_failures=1", "max_steps=6", "checkpoint.every_steps=2",
-        "fail_at_step=5", "eval_every=100", "sample_every=100",
+        "parallel.workers=2", "parallel.param_dtype=bfloat16", "parallel.max_failures=1", "max_steps=12",
+        "checkpoint.every_steps=2", "fail_at_step=5", "eval_every=4", "sample_every=12", "optim.lr=3e-3",
     ]))  # fmt: skip
     result = run_training(config, plan_data(config, config.parallel.workers))
     assert result.error is None, result.error
-    assert result.metrics["step"] == 6
+    assert result.metrics["step"] == 12
     assert result.checkpoint.path.startswith(f"{prefix}/runs/{config.run_name}")
     stored = [i.path for i in s3.get_file_info(pafs.FileSelector(f"{prefix}/runs", recursive=True))]
     assert f"{prefix}/runs/{config.run_name}/fault-injected" in stored  # it did die once
@@ -108,12 +114,35 @@ def test_encode_train_serve_against_the_local_stack(stack, ray_local, tmp_path):
     client = MlflowClient(tracking)
     runs = client.search_runs([run.info.experiment_id], f"tags.`astra.run_name` = '{config.run_name}'")
     assert len(runs) == 1  # the restarted group continued the run (its id came from the checkpoint)
-    counts = Counter(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert sorted(counts) == [1, 2, 3, 4, 5, 6]
+
+    def history(key: str) -> list:
+        return client.get_metric_history(run.info.run_id, key)
+
+    counts = Counter(m.step for m in history("loss"))
+    assert sorted(counts) == list(range(1, 13))
     redone = {step for step, n in counts.items() if n > 1}
     assert redone <= {3, 4} and max(counts.values()) == 1 + bool(redone)  # only steps after a checkpoint
-    version = client.get_model_version(name, "1")
-    assert version.run_id == run.info.run_id
+    val = {m.step: m.value for m in history("val_loss")}
+    assert sorted(val) == [4, 8, 12] and val[12] < val[4], val  # fixed sigmas and noise: it learns
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_memory_gib"):
+        assert {m.step for m in history(key)} == set(range(1, 13)), key
+    tags, params = run.data.tags, run.data.params
+    assert tags["astra.frozen_unchanged"] == "true"  # gathered back from FSDP2 shards, compared bitwise
+    assert params["optim.lr"] == "0.003" and params["parallel.workers"] == "2"
+    assert len(tags["astra.git_revision"]) in (40, 7) or tags["astra.git_revision"] == "unknown"
+    assert tags["astra.encode_hash"] and tags["astra.config_hash"]
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/sample-step0000012.mp4"]
+    # the registered version: safetensors + config (no pickle), with the store's action statistics
+    assert tags["astra.registered_model"] == f"models:/{name}/1"
+    assert client.get_model_version(name, "1").run_id == run.info.run_id
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", tracking_uri=tracking,
+                                                      dst_path=str(tmp_path / "registered")))  # fmt: skip
+    assert not list(folder.rglob("*.pkl"))
+    torch.manual_seed(config.init.seed)
+    adapter = next(folder.rglob("adapter.safetensors")).parent
+    model = load_astra(adapter, base=build_wan(config.astra.model.backbone))
+    assert int(model.action_encoder.action_count.sum()) > 0
     # the tracking server keeps the artifacts on the S3 server (proxied: the job never wrote them there)
     artifacts = [
         i.path for i in s3.get_file_info(pafs.FileSelector(f"{stack['bucket']}/mlflow", recursive=True))
