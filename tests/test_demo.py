@@ -88,8 +88,14 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
 
     # the evaluation report: a table row per ablation line, every modality, with case counts
     report = (out / "eval" / "report.md").read_text()
-    for row in ("| full |", "| w/o AFG |", "| no actions |"):
-        assert row in report and "(n=2)" in report.split(row, 1)[1].split("\n", 1)[0]
+    for row in ("| full |", "| w/o AFG |", "| no actions |", "| Euler 12 steps |", "| UniPC 4 steps |",
+                "| w/o noise-as-mask |"):  # fmt: skip
+        assert row in report and "(n=2)" in report.split(row, 1)[1].split("\n", 1)[0], row
+    # the fast sampler's cost and benefit: accuracy and seconds per chunk beside the many-step reference's
+    fast, reference = (report.split(row, 1)[1].split("\n", 1)[0].split("|") for row in ("| UniPC 4 steps |",
+                                                                                      "| Euler 12 steps |"))  # fmt: skip
+    assert fast[0].strip() == "unipc 4, AFG 3" and reference[0].strip() == "euler 12, AFG 3"
+    assert float(fast[-2]) > 0 and float(reference[-2]) > 0  # s/chunk measured (compared in the report)
     assert (out / "eval" / "accuracy.png").stat().st_size > 1000
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {r["modality"] for r in results} == {"camera", "driving", "robot"}

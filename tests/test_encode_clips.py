@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -181,14 +182,25 @@ def _release(fifo: Path) -> None:
     threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True).start()
 
 
+def _no_watchdog(*_) -> None:
+    raise TimeoutError("the watchdog did not stop the job")
+
+
 def test_watchdog_names_a_hanging_read_and_gives_up(tmp_path, ray_local, caplog):
+    """Also where SIGINT is ignored (a background job of a script): the watchdog still stops the job."""
     manifest, fifo = _with_fifo_clip(tmp_path)
-    limits = ["compute.decode_timeout_s=null", "watchdog.warn_after_s=4", "watchdog.fail_after_s=15"]
+    limits = ["compute.decode_timeout_s=null", "watchdog.warn_after_s=4", "watchdog.fail_after_s=30"]
     config = _config(manifest, tmp_path / "store", *limits)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGALRM, _no_watchdog)
+    signal.alarm(240)  # a failing watchdog fails the test instead of hanging it
     try:
         with caplog.at_level(logging.WARNING, logger="astra.encode"), pytest.raises(EncodeStalled):
             run_encode(config)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the job gave it back as it was
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
         _release(fifo)
     said = caplog.text
     assert "stalled? decode of clip 'hang'" in said and str(fifo) in said, said

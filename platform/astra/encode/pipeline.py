@@ -23,7 +23,7 @@ from astra.data.manifest import ClipRecord, Rejected, read_manifest
 from astra.data.store import QUARANTINE, LatentStore
 from astra.encode.config import EncodeConfig
 from astra.encode.decode import decode_windows_of
-from astra.encode.progress import EncodeSummary, StageTracker, Watchdog, quarantine_report
+from astra.encode.progress import EncodeSummary, StageTracker, Watchdog, interruptible_main, quarantine_report
 from astra.encode.prompts import PromptEmbedder
 from astra.encode.resources import StagePlan, diagnose, size_pipeline
 from astra.encode.vae import VAEEncoder
@@ -182,7 +182,7 @@ def _run_pipeline(
     last_line = start
     dog = Watchdog(config.watchdog.warn_after_s, config.watchdog.fail_after_s, explain, give_up)
     try:
-        with dog:
+        with interruptible_main(), dog:
             for batch in build_dataset(todo, config, stages, tracker).iter_batches(
                 batch_size=None, batch_format="numpy"
             ):

@@ -7,11 +7,13 @@ Every manifest record lands in exactly one bucket per run:
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -112,6 +114,21 @@ class StageTracker:
         for (stage, key), (start, detail) in self.active.items():
             out.setdefault(stage, {"active": [], "finished": 0})["active"].append((key, detail, now - start))
         return out
+
+
+@contextlib.contextmanager
+def interruptible_main() -> Iterator[None]:
+    """Python's own SIGINT handler in the main thread while the block runs. The watchdog stops a stalled
+    job with ``_thread.interrupt_main()``, which does nothing where SIGINT is ignored — as it is in a
+    background job of a non-interactive shell (``cmd &`` in a script), which inherits it ignored."""
+    if threading.current_thread() is not threading.main_thread() or callable(signal.getsignal(signal.SIGINT)):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Watchdog:
