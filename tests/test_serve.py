@@ -418,7 +418,9 @@ def test_web_player_in_a_real_headless_chromium(served, tmp_path):
             try:
                 page.wait_for_function("document.getElementById('step').textContent === '0'", timeout=180_000)
             except Exception as err:  # say what the page showed, not only that it timed out
-                raise AssertionError((page.text_content("#status"), page.text_content("#error"), errors)) from err
+                raise AssertionError(
+                    (page.text_content("#status"), page.text_content("#error"), errors)
+                ) from err
             page.wait_for_function("Number(document.getElementById('frames').textContent) >= 1")
             before = page.get_attribute("#screen", "src")
             page.click("h1")  # focus off the inputs, as a user would
