@@ -117,6 +117,10 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     assert not torch.equal(fresh["proj_out.weight"], trained["proj_out.weight"])
     assert not torch.equal(fresh["blocks.0.ffn.net.0.proj.weight"], trained["blocks.0.ffn.net.0.proj.weight"])
 
+    # what --weights writes for committing names no machine path (diffusers' _name_or_path, the report's models)
+    written = [*weights.rglob("*.json"), *weights.rglob("*.md")]
+    assert written and not [p for p in written if str(tmp_path) in p.read_text()]
+
     # the reproduction wrote weights of the demo architecture's shapes (and of the committed ones, if any)
     for name, file in FILES.items():
         assert _shapes(weights / name / file) == _demo_shapes(name), name

@@ -306,6 +306,11 @@ class Demo:
         return path
 
 
+def _shown(path: Path) -> str:
+    """A folder as committed files may name it: relative to the checkout, else by its name alone."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def install_weights(out: Path, into: Path) -> None:
     """Copy what ``--weights`` trained into ``into`` (models/demo: the committed weights), with the
     evaluation report of those very weights (report/: report.md + its plots) and ``ablations.json``
@@ -317,6 +322,10 @@ def install_weights(out: Path, into: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(out / "weights" / name, target)
+        for config in target.glob("config.json"):  # diffusers records where it loaded from: a machine path
+            fields = json.loads(config.read_text())
+            if fields.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     trained = list(ABLATIONS.items())  # ablation-<i> is the i-th
     index = {p.name: dict(zip(("name", "overrides"), trained[int(p.name.split("-")[1])], strict=True))
              for p in ablations}  # fmt: skip
@@ -326,6 +335,9 @@ def install_weights(out: Path, into: Path) -> None:
         shutil.rmtree(report)
     report.mkdir(parents=True)
     for path in (out / "eval").iterdir():
-        if path.is_file() and path.suffix in (".md", ".png"):
+        if path.is_file() and path.suffix == ".md":  # the models by their committed folders, no machine paths
+            text = path.read_text().replace(str(out / "weights"), _shown(into)).replace(str(out), _shown(out))
+            (report / path.name).write_text(text)
+        elif path.is_file() and path.suffix == ".png":
             shutil.copy(path, report / path.name)
     print(f"weights written to {into}: {', '.join(n + '/' for n in names)} and report/report.md")
