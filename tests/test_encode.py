@@ -164,6 +164,31 @@ def test_s3_clips_and_store_end_to_end(tmp_path, ray_local, s3_server):
     assert all(torch.equal(r.latents, store.get(r.clip_id).latents) for r in rows)
 
 
+def test_new_vae_weights_in_the_same_folder_re_encode_every_clip(tmp_path, ray_local):
+    """The encode hash covers the VAE's files, not only its path: weights retrained into the same folder
+    re-encode the store's clips instead of keeping latents of the old VAE beside the new ones."""
+    from astra.config import VAEConfig, preset
+    from astra.model.vae import WanVAE
+
+    manifest = write_dataset(tmp_path / "data", 2, "camera", size=(64, 64), num_frames=9, fps=16.0, seed=4)
+    folder = tmp_path / "vae"
+
+    def encode_with(seed: int):
+        fields = preset("tiny").vae.model_dump() | {"seed": seed}
+        WanVAE.from_config(VAEConfig.model_validate(fields)).vae.save_pretrained(folder)
+        config = resolve_paths(_config(manifest, tmp_path / "store", f"vae.pretrained_path={folder}"))
+        return config, run_encode(config)
+
+    first, summary = encode_with(seed=1)
+    assert summary.encoded == 2
+    again = resolve_paths(_config(manifest, tmp_path / "store", f"vae.pretrained_path={folder}"))
+    assert again.encode_hash() == first.encode_hash() and run_encode(again).skipped_stored == 2  # same files
+    second, summary = encode_with(seed=2)  # new weights, same folder
+    assert (
+        second.encode_hash() != first.encode_hash() and summary.encoded == 2 and summary.skipped_stored == 0
+    )
+
+
 def test_kill_9_mid_run_then_resume_is_exactly_once(tmp_path):
     manifest = write_dataset(tmp_path / "data", 40, "mixed", size=(64, 64), num_frames=17, fps=16.0, seed=3)
     good = {json.loads(line)["clip_id"] for line in manifest.read_text().splitlines()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -151,6 +153,12 @@ class EncodeConfig(FrozenModel):
     watchdog: WatchdogConfig = Field(
         default_factory=WatchdogConfig, description="No-progress detection: warn, then optionally fail."
     )
+    vae_files: str | None = Field(
+        None,
+        description="Filled in by the job at start, not a setting: the names, sizes and modification "
+        "times of a local vae.pretrained_path's files, part of the encode hash — new weights in the same "
+        "folder re-encode every clip instead of mixing latents of two VAEs in one store.",
+    )
 
     @model_validator(mode="after")
     def _known_modalities(self) -> EncodeConfig:
@@ -171,6 +179,7 @@ class EncodeConfig(FrozenModel):
             "video": self.video.model_dump(mode="json"),
             "latent_dtype": self.latent_dtype,
             "vae": self.vae.model_dump(mode="json"),
+            **({"vae_files": self.vae_files} if self.vae_files is not None else {}),  # old hashes stay
             "vae_dtype": self.compute.vae_dtype,
             "text_encoder": self.text_encoder.model_dump(mode="json", include={"kind", "path", "max_length"}),
             "modalities": [m.model_dump(mode="json") for m in self.actions.modalities],
@@ -225,4 +234,16 @@ def resolve_paths(config: EncodeConfig) -> EncodeConfig:
         raise ConfigError(f"manifest: file not found: {manifest}{hint}")
     data = config.model_dump()
     data["manifest"], data["store"]["uri"] = manifest, store
+    data["vae_files"] = _files_of(config.vae.pretrained_path)
     return EncodeConfig.model_validate(data)
+
+
+def _files_of(path: str | None) -> str | None:
+    """The files of a local weights folder (or file) as (name, size, mtime) lines; None for none or s3://
+    (an object store's weights are named by their path alone)."""
+    if path is None or "://" in path or not os.path.exists(path):
+        return None
+    root = Path(path)
+    files = sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+    return "\n".join(f"{p.relative_to(root) if p != root else p.name} {p.stat().st_size} {p.stat().st_mtime_ns}"
+                     for p in files)  # fmt: skip
