@@ -66,10 +66,6 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Ctrl-C and `kill` stop everything cleanly, even where the shell started this with SIGINT ignored
     # (a background job of a non-interactive shell: Python then installs no handler of its own)
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # raises KeyboardInterrupt
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
     plan = FAST if fast else WEIGHTS_PLAN if args.weights else FULL
     out = Path(args.out).resolve()

@@ -49,3 +49,21 @@ def test_pretrained_vae_folder(tmp_path, vae):
     loaded = WanVAE.from_config(cfg)
     video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     torch.testing.assert_close(loaded.encode(video), vae.encode(video), atol=1e-5, rtol=1e-5)
+
+
+def test_exported_vae_names_no_machine_path(tmp_path, vae):
+    """A VAE loaded from a folder (a training stage's start) exports without diffusers' record of that
+    folder (`_name_or_path`: a path of the machine that trained it), its latent statistics set."""
+    import json
+
+    import numpy as np
+    from diffusers import AutoencoderKLWan
+
+    from astra.train.vae import export_vae
+
+    vae.vae.save_pretrained(tmp_path / "start")
+    loaded = AutoencoderKLWan.from_pretrained(str(tmp_path / "start"))
+    assert str(tmp_path) in loaded.config["_name_or_path"]
+    clips = [np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)]
+    fields = json.loads((export_vae(loaded, clips, 5, tmp_path / "out") / "config.json").read_text())
+    assert "_name_or_path" not in fields and len(fields["latents_mean"]) == 4

@@ -322,10 +322,6 @@ def install_weights(out: Path, into: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(out / "weights" / name, target)
-        for config in target.glob("config.json"):  # diffusers records where it loaded from: a machine path
-            fields = json.loads(config.read_text())
-            if fields.pop("_name_or_path", None) is not None:
-                config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     trained = list(ABLATIONS.items())  # ablation-<i> is the i-th
     index = {p.name: dict(zip(("name", "overrides"), trained[int(p.name.split("-")[1])], strict=True))
              for p in ablations}  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from astra.config import derive
 from astra.evaluate.config import EvalConfig
 from astra.evaluate.rollouts import CaseResult
 
@@ -90,8 +91,6 @@ def _plots(config: EvalConfig, s: Summary, out: Path) -> list[str]:
 
 def _sampler(config: EvalConfig, row) -> str:
     """The row's sampler, e.g. 'euler 10, AFG 3'."""
-    from astra.config import derive
-
     sampler = derive(config.astra, {"sampler": row.sampler_overrides()}).sampler
     return f"{sampler.solver} {sampler.num_steps}, AFG {sampler.action_guidance:g}"
 

@@ -22,6 +22,7 @@ latents, as Wan-2.1's own statistics do for the real VAE.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -268,6 +269,11 @@ def export_vae(vae, clips: list[np.ndarray], frames: int, folder: Path) -> Path:
     mean, std = latent_statistics(vae, clips, frames)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(str(folder))
+    # diffusers writes where a loaded VAE came from (a stage's start weights): a path of this machine
+    config = Path(folder) / "config.json"
+    fields = json.loads(config.read_text())
+    if fields.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     return folder
 
 
