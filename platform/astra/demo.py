@@ -233,9 +233,12 @@ class Demo:
         return out
 
     def finetune(self, store: Path, vae: Path, wan: Path) -> tuple[Path, str]:
-        """(the exported adapter folder, its registered version models:/astra-demo/N)."""
+        """(the exported adapter folder, its registered version models:/astra-demo/N; with --weights, the
+        folder twice when an earlier run here finished it)."""
         start = "from the Wan backbone" if self.from_scratch else f"continuing {WEIGHTS / 'astra'}"
         self.stage(f"3. fine-tune Astra on the store ({self.plan.finetune_steps} steps, {start})")
+        if self.from_scratch and (done := self.finished("astra", "astra_config.json")) is not None:
+            return done, str(done)  # served from the folder: the registry of that earlier run may be gone
         storage = self.out / "train"
         init = ["init.kind=wan", f"init.path={wan}"]
         if not self.from_scratch:
