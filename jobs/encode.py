@@ -15,7 +15,6 @@ gave up (``watchdog.fail_after_s``).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -25,23 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
 from astra.encode.config import load_encode_config, resolve_paths
+from astra.runtime import config_error, job_arguments
 
 log = logging.getLogger("astra.encode")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML config file (may name a preset)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. video.max_frames=33")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = job_arguments(__doc__, argv, example="video.max_frames=33")
     try:
         config = resolve_paths(load_encode_config(args.config, args.overrides))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
 
     from astra.data.store import LatentStore
     from astra.encode.pipeline import EncodeStalled, plan, report, run_encode
@@ -57,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_encode(config, planned, startup_seconds=seconds)
     except ConfigError as err:  # the pipeline does not fit this cluster
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
     except EncodeStalled as err:
         print(f"error: encode stalled: {err}; finished shards are kept, re-run to resume", file=sys.stderr)
         return 3

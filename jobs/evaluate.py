@@ -14,7 +14,6 @@ configuration (found before Ray starts).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -24,18 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
 from astra.evaluate.config import load_eval_config, resolve_eval_paths
+from astra.runtime import config_error, job_arguments
 
 log = logging.getLogger("astra.evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML config file (may name a preset)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. cases=20")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = job_arguments(__doc__, argv, example="cases=20")
     try:
         config = resolve_eval_paths(load_eval_config(args.config, args.overrides))
         from astra.evaluate.run import check_held_out
@@ -45,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             check_source(source)
         check_held_out(config)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
 
     from astra.evaluate.report import write_report
     from astra.evaluate.run import log_to_mlflow, run_evaluation

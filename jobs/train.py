@@ -13,7 +13,6 @@ configuration or data (found before any worker starts), 1 the run failed.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -22,19 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
+from astra.runtime import config_error, job_arguments
 from astra.train.config import load_train_config, resolve_paths
 
 log = logging.getLogger("astra.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML config file (may name a preset)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. max_steps=100")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = job_arguments(__doc__, argv, example="max_steps=100")
     try:
         config = resolve_paths(load_train_config(args.config, args.overrides))
         from astra.train.dataset import plan_data
@@ -43,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         check_model(config)  # weights exist, the whitelist selects something
         plan = plan_data(config, config.parallel.workers)  # the store against the config, no worker yet
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
 
     from astra.runtime import connect
     from astra.train.run import describe, run_training
@@ -54,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_training(config, plan)
     except ConfigError as err:  # the workers do not fit this cluster
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
     if result.error is not None:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1

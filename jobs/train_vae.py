@@ -13,7 +13,6 @@ documented field of astra/train/vae.py. Exit codes: 0 trained, 2 bad configurati
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -22,25 +21,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
+from astra.runtime import config_error, job_arguments
 from astra.train.vae import load_vae_train_config, resolve_vae_paths, split_clips
 
 log = logging.getLogger("astra.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", help="YAML config file (may name a preset)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. max_steps=100")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = job_arguments(__doc__, argv, example="max_steps=100")
     try:
         config = resolve_vae_paths(load_vae_train_config(args.config, args.overrides))
         split_clips(config)  # the manifest exists and holds enough clips, before Ray starts
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
 
     from astra.runtime import connect
     from astra.train.vae import describe_vae_run, run_vae_training
@@ -50,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_vae_training(config)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
     if result.error is not None:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1

@@ -1,6 +1,10 @@
 """How a job meets Ray: a local in-process cluster or an existing one, with this checkout's library.
 
-Three things every job entrypoint (encode, train, evaluate) needs, in one place:
+What every job entrypoint (encode, train, train_vae, evaluate) needs, in one place:
+
+* ``job_arguments`` — the command line every job takes (``--config FILE`` and ``dotted.key=value``
+  overrides) and its log format; ``config_error`` — how a bad setting ends a job (one line naming
+  it, exit code 2, no traceback).
 
 * ``connect`` — with no address (``ray.address`` / ``$RAY_ADDRESS``) a local Ray starts in this
   process; with one, the job joins that cluster and, with ``ship_library``, sends this checkout's
@@ -17,9 +21,11 @@ Imports ``ray`` lazily: config modules import ``RayConfig`` from here without pa
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -48,6 +54,22 @@ class RayConfig(FrozenModel):
         description="On an existing cluster, send this checkout's astra package to the workers "
         "(runtime_env py_modules). False when the cluster's image has the same version installed.",
     )
+
+
+def job_arguments(doc: str, argv: list[str] | None, example: str) -> argparse.Namespace:
+    """``--config`` and the overrides of a job's command line (``doc``: its help text), logging set up."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (may name a preset)")
+    parser.add_argument("overrides", nargs="*", help=f"dotted.key=value overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return args
+
+
+def config_error(err: ConfigError) -> int:
+    """A setting to fix: one line on stderr (the error names the field) and the jobs' exit code 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 def _job_runtime_env() -> dict | None:
