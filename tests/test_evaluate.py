@@ -1,4 +1,4 @@
-"""The evaluation job's parts: held-out cases, metrics, rows (no Ray here; the demo test runs the job)."""
+"""The evaluation job's parts: held-out cases, metrics, rows, the Ray fan-out (the demo test runs the whole job)."""
 
 from __future__ import annotations
 
@@ -97,3 +97,20 @@ def test_rows_must_name_models_and_cases_must_be_held_out(tmp_path, ray_local):
     ):
         check_held_out(config)
     check_held_out(load_eval_config(None, ["preset=tiny", "seed=6", f"train_store.uri={store}"]))
+
+
+@pytest.mark.ray
+def test_the_cases_go_out_in_batches_two_at_a_time_and_all_come_back(ray_local, caplog):
+    """run_evaluation on Ray: every (case, row) once, progress logged as batches finish."""
+    import logging
+
+    from astra.evaluate.run import run_evaluation
+
+    config = load_eval_config(None, ["preset=tiny", "cases=3", "drift_cases=1", "drift_chunks=2", "tasks=2",
+                                     "modalities=[camera, robot]"])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="astra.evaluate"):
+        results, _ = run_evaluation(config)
+    got = sorted((r.row, r.modality, r.case_id, r.kind) for r in results)
+    assert len(got) == len(set(got)) == 8 * len(config.rows)  # (3 accuracy + 1 drift) x 2 modalities
+    progress = [m for m in caplog.messages if "cases done" in m]
+    assert len(progress) == 8 and progress[-1].startswith("8/8 cases done")  # 4 x 2 tasks: one a case

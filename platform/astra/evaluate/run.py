@@ -47,23 +47,31 @@ def plan_jobs(config: EvalConfig) -> list[tuple[Job, bool]]:
 
 
 def run_evaluation(config: EvalConfig) -> tuple[list[CaseResult], float]:
-    """All results (from Ray tasks on the connected cluster) and the seconds taken."""
+    """All results (from Ray tasks on the connected cluster) and the seconds taken. The cases go out
+    in a few batches per task slot, at most ``tasks`` at a time, so the log shows progress as they
+    finish (each batch loads the models once: a few seconds)."""
     import ray
 
     jobs = plan_jobs(config)
     tasks = config.tasks or max(1, int(ray.cluster_resources().get("CPU", 1) // config.threads_per_task))
     tasks = min(tasks, len(jobs))
+    n = min(len(jobs), 4 * tasks)
+    batches = [jobs[i::n] for i in range(n)]
     remote = ray.remote(num_cpus=config.threads_per_task)(run_jobs)
     start = time.monotonic()
-    refs = [remote.remote(config, jobs[i::tasks]) for i in range(tasks)]
-    log.info("evaluating %d cases x %d rows (%d modalities) in %d Ray tasks", len(jobs), len(config.rows),
-             len(config.modalities), tasks)  # fmt: skip
+    log.info("evaluating %d cases x %d rows (%d modalities) in %d Ray tasks at a time", len(jobs),
+             len(config.rows), len(config.modalities), tasks)  # fmt: skip
     results: list[CaseResult] = []
-    pending = list(refs)
-    while pending:
+    queued, pending, sizes, cases = list(reversed(batches)), [], {}, 0
+    while queued or pending:
+        while queued and len(pending) < tasks:
+            batch = queued.pop()
+            pending.append(ref := remote.remote(config, batch))
+            sizes[ref] = len(batch)
         done, pending = ray.wait(pending, num_returns=1)
         results += ray.get(done[0])
-        log.info("%d/%d tasks done (%.0f s)", tasks - len(pending), tasks, time.monotonic() - start)
+        cases += sizes.pop(done[0])
+        log.info("%d/%d cases done (%.0f s)", cases, len(jobs), time.monotonic() - start)
     return results, time.monotonic() - start
 
 
