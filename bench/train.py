@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", default="128x128")
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error("--steps must be at least 4 (the first steps are warm-up, timed apart)")
     h, w = (int(v) for v in args.size.split("x"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ An evaluation compares *rows* — (model, sampling variant) pairs, the ablation 
 the same held-out cases: start states and action sequences of the synthetic worlds drawn from seeds
 that no training clip used. Each row names one of ``models`` (weights as the serving app takes them)
 and may change the sampler (``action_guidance: 1`` = no AFG, ``0`` = the no-action baseline: only the
-null-action velocity) or zero the commanded actions.
+null-action velocity: the actions-zeroed baseline).
 """
 
 from __future__ import annotations
