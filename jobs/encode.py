@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
 from astra.encode.config import load_encode_config, resolve_paths
-from astra.runtime import config_error, job_arguments
+from astra.runtime import config_error, connect, job_arguments
 
 log = logging.getLogger("astra.encode")
 
@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from astra.data.store import LatentStore
     from astra.encode.pipeline import EncodeStalled, plan, report, run_encode
-    from astra.runtime import connect
 
     planned = plan(config, LatentStore(config.store))
     seconds = 0.0

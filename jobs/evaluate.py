@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
 from astra.evaluate.config import load_eval_config, resolve_eval_paths
-from astra.runtime import config_error, job_arguments
+from astra.runtime import config_error, connect, job_arguments
 
 log = logging.getLogger("astra.evaluate")
 
@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from astra.evaluate.report import write_report
     from astra.evaluate.run import log_to_mlflow, run_evaluation
-    from astra.runtime import connect
 
     ray = connect(config.ray)
     log.info("Ray (%s) ready in %.1f s", ray.address, ray.seconds)

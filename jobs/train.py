@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
-from astra.runtime import config_error, job_arguments
+from astra.runtime import config_error, connect, job_arguments
 from astra.train.config import load_train_config, resolve_paths
 
 log = logging.getLogger("astra.train")
@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return config_error(err)
 
-    from astra.runtime import connect
     from astra.train.run import describe, run_training
 
     ray = connect(config.ray, log_to_driver=True, dashboard=True)

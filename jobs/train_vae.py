@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from astra.config import ConfigError
-from astra.runtime import config_error, job_arguments
+from astra.runtime import config_error, connect, job_arguments
 from astra.train.vae import load_vae_train_config, resolve_vae_paths, split_clips
 
 log = logging.getLogger("astra.train")
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return config_error(err)
 
-    from astra.runtime import connect
     from astra.train.vae import describe_vae_run, run_vae_training
 
     ray = connect(config.ray, log_to_driver=True, dashboard=True)

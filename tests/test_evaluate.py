@@ -100,7 +100,7 @@ def test_rows_must_name_models_and_cases_must_be_held_out(tmp_path, ray_local):
 
 
 @pytest.mark.ray
-def test_the_cases_go_out_in_batches_two_at_a_time_and_all_come_back(ray_local, caplog):
+def test_the_cases_go_out_in_batches_and_all_come_back_with_progress(ray_local, caplog):
     """run_evaluation on Ray: every (case, row) once, progress logged as batches finish."""
     import logging
 
