@@ -299,4 +299,10 @@ def resolve_paths(config: TrainConfig) -> TrainConfig:
         )
     if config.init.kind != "random" and config.init.path:
         data["init"]["path"] = resolve_local("init.path", config.init.path)
+    if config.init.base:
+        data["init"]["base"] = resolve_local("init.base", config.init.base)
+    if config.astra.vae.pretrained_path:  # the workers (sample videos, export) run in other folders
+        data["astra"]["vae"]["pretrained_path"] = resolve_local(
+            "astra.vae.pretrained_path", config.astra.vae.pretrained_path
+        )
     return TrainConfig.model_validate(data)

@@ -198,25 +198,27 @@ class Worker:
 
     def val_loss(self) -> dict[str, float]:
         """Fixed-sigma loss over every held-out sample (one per held-out clip), batched by packed shape
-        in groups of at most ``batch_size``; the mean over samples."""
+        in groups of at most ``batch_size``; the mean over samples. Also the same loss with the actions
+        nulled, and ``val_action_gain`` = that minus ``val_loss``: how much the actions tell the model
+        about the chunk (0 for a model that ignores them, as a fresh adapter does; the first number to
+        watch when a fine-tune does not follow actions)."""
         if not self.val:
             return {}
         self.model.eval()
         groups: dict[tuple, list] = {}
         for sample in self.val:
             groups.setdefault(sample.shape_key(self.config), []).append(sample)
-        total, count = None, 0
+        total, null, count = 0.0, 0.0, 0
         for same in groups.values():
             for i in range(0, len(same), self.config.batch_size):
                 part = same[i : i + self.config.batch_size]
                 target, inputs = collate(part, self.prompts.get([s.prompt_key for s in part]), self.config)
-                per_sigma = fixed_sigma_loss(
-                    self.model, target.to(self.device), inputs.to(self.device, torch.float32)
-                )
-                total = per_sigma * len(part) if total is None else total + per_sigma * len(part)
+                target, inputs = target.to(self.device), inputs.to(self.device, torch.float32)
+                total = total + fixed_sigma_loss(self.model, target, inputs) * len(part)
+                null = null + fixed_sigma_loss(self.model, target, inputs.without_actions()) * len(part)
                 count += len(part)
-        per_sigma = total / count
-        return {"val_loss": _mean(per_sigma.mean())} | {
+        per_sigma, loss, null_loss = total / count, _mean(total.mean() / count), _mean(null.mean() / count)
+        return {"val_loss": loss, "val_loss_no_actions": null_loss, "val_action_gain": null_loss - loss} | {
             f"val_loss_sigma_{i}": float(v) for i, v in enumerate(per_sigma)
         }
 

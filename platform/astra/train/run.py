@@ -46,6 +46,8 @@ class Progress(ray.train.UserCallback):
         done = step - self.first[1]
         eta = f"{(now - self.first[0]) / done * (self.max_steps - step):.0f} s" if done else "?"
         val = f", val {m['val_loss']:.4f}" if "val_loss" in m else ""
+        if "val_action_gain" in m:  # what the actions are worth to the model (see Worker.val_loss)
+            val += f" (action gain {m['val_action_gain']:+.4f})"
         tokens = f", {m['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in m else ""
         saved = ", checkpoint" if checkpoint is not None else ""
         print(
@@ -153,7 +155,8 @@ def describe(config: TrainConfig, result: ray.train.Result) -> str:
 
     m = result.metrics or {}
     lines = [f"trained {config.run_name} to step {m.get('step', '?')}: loss {m.get('loss', float('nan')):.4f}"
-             + (f", val {m['val_loss']:.4f}" if "val_loss" in m else "")]  # fmt: skip
+             + (f", val {m['val_loss']:.4f}" if "val_loss" in m else "")
+             + (f", action gain {m['val_action_gain']:+.4f}" if "val_action_gain" in m else "")]  # fmt: skip
     if result.checkpoint is not None:
         lines.append(f"  last checkpoint: {result.checkpoint.path}")
     run = find_run(config)
