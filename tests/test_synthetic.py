@@ -205,3 +205,20 @@ def test_odd_size_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="size"):
         write_clip(clip, world, tmp_path, "odd", fps=16.0)
     assert not (tmp_path / "odd.mp4").exists()
+
+
+def test_actions_per_world_share_the_start_and_differ_after(tmp_path):
+    """K clips per world: one first frame (and world, prompt, modality), K different action sequences."""
+    manifest = write_dataset(
+        tmp_path / "k", 4, "mixed", size=(32, 32), num_frames=9, fps=16.0, seed=3, actions_per_world=2
+    )
+    records, _ = read_manifest(manifest)
+    assert [r.modality for r in records] == ["camera", "camera", "driving", "driving"]
+    seeds = [r.clip_id.rsplit("-w", 1)[1] for r in records]
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3] and len({r.clip_id for r in records}) == 4
+    for a, b in (records[:2], records[2:]):
+        assert a.prompt == b.prompt
+        sa, sb = (np.load(tmp_path / "k" / f"{r.clip_id}.poses.npz")["states"] for r in (a, b))
+        assert np.array_equal(sa[0], sb[0]) and not np.allclose(sa[-1], sb[-1])
+    with pytest.raises(ValueError, match="actions_per_world"):
+        write_dataset(tmp_path / "bad", 1, "camera", size=(32, 32), num_frames=5, actions_per_world=0)

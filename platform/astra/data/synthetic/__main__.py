@@ -33,10 +33,23 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--frames", type=int, default=33, help="frames per clip (1 + 4k suits the Wan VAE)")
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--actions-per-world",
+        type=int,
+        default=1,
+        help="clips rendered from each world's start, each under its own actions (default 1)",
+    )
     args = parser.parse_args(argv)
     try:
         path = write_dataset(
-            args.out, args.num_clips, args.modality, args.size, args.frames, args.fps, args.seed
+            args.out,
+            args.num_clips,
+            args.modality,
+            args.size,
+            args.frames,
+            args.fps,
+            args.seed,
+            args.actions_per_world,
         )
     except ValueError as err:
         parser.error(str(err))

@@ -84,9 +84,16 @@ def write_dataset(
     num_frames: int = 33,
     fps: float = 16.0,
     seed: int = 0,
+    actions_per_world: int = 1,
 ) -> Path:
     """Render ``num_clips`` random clips of ``modality`` (or "mixed": camera, driving, robot in
-    turn) into ``out_dir`` with a ``manifest.jsonl``; return the manifest path."""
+    turn, world by world) into ``out_dir`` with a ``manifest.jsonl``; return the manifest path.
+
+    ``actions_per_world`` = K > 1 renders K clips from each world's start state, each under its own
+    action sequence: the same first frame with K different futures, the situation of an interactive
+    rollout (and of the evaluation's distractors). A model can only tell those futures apart through
+    the actions, so such data teaches action-following far more directly than one future per start,
+    which a model can fit from the first frame alone."""
     if modality != "mixed" and modality not in MODALITY_RAW_DIMS:
         raise ValueError(
             f"modality: expected one of {[*sorted(MODALITY_RAW_DIMS), 'mixed']}, got '{modality}'"
@@ -95,13 +102,16 @@ def write_dataset(
         raise ValueError(
             f"num_clips / num_frames: need >= 0 clips of >= 1 frame, got {num_clips}, {num_frames}"
         )
+    if actions_per_world < 1:
+        raise ValueError(f"actions_per_world: need >= 1, got {actions_per_world}")
     size = (int(size[0]), int(size[1]))
     check_even(*size)
     out_dir = Path(out_dir)
     records = []
     for i in range(num_clips):
-        m = MIXED_ORDER[i % len(MIXED_ORDER)] if modality == "mixed" else modality
-        world_seed = _derived_seed(seed, i, 0)
+        w = i // actions_per_world  # the world's index (K = 1: the clip's own)
+        m = MIXED_ORDER[w % len(MIXED_ORDER)] if modality == "mixed" else modality
+        world_seed = _derived_seed(seed, w, 0)
         world = make_world(m, world_seed, dt=1.0 / fps)
         actions = random_actions(world, num_frames, _derived_seed(seed, i, 1))
         clip = rollout(world, initial_state(world), actions, size)
