@@ -144,7 +144,8 @@ def test_committed_demo_weights_load_and_generate():
     assert int(model.action_encoder.action_count.sum()) > 0  # trained with the store's statistics
     frame = torch.zeros(1, 3, 1, 64, 64)
     start = vae.encode(frame)[0]
-    assert start.shape == (cfg.model.backbone.in_channels, 1, 8, 8)
+    side = 64 // vae.spatial_factor  # the demo VAE is 4x spatial: a 16x16 latent
+    assert start.shape == (cfg.model.backbone.in_channels, 1, side, side)
     session = RolloutSession.start("s", "camera", start, torch.randn(5, 384), 12, seed=0)
     cfg = derive(cfg, {"sampler": {"num_steps": 2}})
     with torch.no_grad():

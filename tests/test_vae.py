@@ -67,3 +67,30 @@ def test_exported_vae_names_no_machine_path(tmp_path, vae):
     clips = [np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)]
     fields = json.loads((export_vae(loaded, clips, 5, tmp_path / "out") / "config.json").read_text())
     assert "_name_or_path" not in fields and len(fields["latents_mean"]) == 4
+
+
+def test_a_4x_spatial_vae_keeps_wan_time_and_names_its_levels():
+    """Three levels with both temporal downsamplings (the demo VAE): 4x spatial, 4x temporal, causal."""
+    cfg = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), temporal_downsample=(True, True), num_res_blocks=1)
+    vae = WanVAE.from_config(cfg).eval()
+    assert (vae.spatial_factor, vae.temporal_factor, cfg.spatial_factor) == (4, 4, 4)
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (1, 4, 3, 8, 8) and vae.decode(z).shape == video.shape
+    torch.testing.assert_close(vae.encode(video[:, :, :5]), z[:, :, :2])
+    # the levels are part of a random VAE's identity; Wan's defaults keep their old one
+    assert cfg.vae_id != VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1).vae_id
+    assert VAEConfig().temporal_levels == (False, True, True) and "-t" not in VAEConfig().vae_id
+
+
+@pytest.mark.parametrize(
+    "levels, dim_mult",
+    [((True, False), (1, 2, 2)), ((True, True, True), (1, 2, 2, 2)), ((True,), (1, 2, 2))],
+)
+def test_temporal_downsample_must_fit_the_levels(levels, dim_mult):
+    from astra.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="vae: .*temporal_downsample"):
+        build_config({"vae": {"z_dim": 16, "dim_mult": dim_mult, "temporal_downsample": levels}})
+    with pytest.raises(ConfigError, match="vae: .*dim_mult"):
+        build_config({"vae": {"dim_mult": (1, 2)}})

@@ -54,6 +54,7 @@ class Plan:
     reference_steps: int  # the many-step Euler row of the evaluation (the model's default is 10)
     ablations: int  # how many of ABLATIONS --weights trains (the reduced mode: one, to try the path)
     job_overrides: tuple[str, ...] = ()  # settings of the training jobs (few clips, CPUs per worker)
+    actions_per_world: int = 4  # clips from each world's start, each with its own actions (see data())
 
 
 # the VAE's stages (vae presets of astra/train/vae.py) and the weights folder each one leaves; the
@@ -67,7 +68,7 @@ FULL = Plan(clips=240, vae_steps=(0, 0, 0), pretrain_steps=0, finetune_steps=60,
 FAST = Plan(clips=12, vae_steps=(4, 0, 0), pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, reference_steps=12, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=400, vae_steps=(1600, 400, 400), pretrain_steps=1200, finetune_steps=1000, cases=60,
+WEIGHTS_PLAN = Plan(clips=1600, vae_steps=(3000, 600, 400), pretrain_steps=2000, finetune_steps=4000, cases=60,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6, reference_steps=50,
                     ablations=len(ABLATIONS),
                     job_overrides=(CPUS,))  # fmt: skip
@@ -151,14 +152,16 @@ class Demo:
 
     def data(self) -> Path:
         self.stage(
-            f"1. synthetic worlds: {self.plan.clips} clips (camera, driving, robot) with exact actions"
+            f"1. synthetic worlds: {self.plan.clips} clips (camera, driving, robot) with exact actions, "
+            f"{self.plan.actions_per_world} from each world's start"
         )
         clips = self.out / "clips"
         if (clips / "manifest.jsonl").is_file() and len(list(clips.glob("*.mp4"))) == self.plan.clips:
             print(f"  {clips} already holds them")
         else:
             self.run(self.py, "-m", "astra.data.synthetic", "--out", str(clips), "--num-clips", str(self.plan.clips),
-                     "--modality", "mixed", "--size", "64x64", "--frames", "33", "--seed", "7")  # fmt: skip
+                     "--modality", "mixed", "--size", "64x64", "--frames", "33", "--seed", "7",
+                     "--actions-per-world", str(self.plan.actions_per_world))  # fmt: skip
         return clips / "manifest.jsonl"
 
     def vae(self, manifest: Path) -> Path:

@@ -47,6 +47,8 @@ class WanVAE(nn.Module):
                 base_dim=cfg.base_dim,
                 z_dim=cfg.z_dim,
                 dim_mult=list(cfg.dim_mult),
+                temperal_downsample=list(cfg.temporal_levels),  # (sic: diffusers' spelling)
+                scale_factor_spatial=cfg.spatial_factor,
                 num_res_blocks=cfg.num_res_blocks,
                 **stats,
             )

@@ -139,9 +139,9 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
 VAE_PRESETS["demo"] = {
     "vae": PRESETS["demo"]["vae"],
     "clip_frames": 9,
-    "max_steps": 1600,
+    "max_steps": 3000,
     "batch_size": 2,
-    "optim": {"lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.0},
+    "optim": {"lr": 1e-3, "warmup_steps": 20, "weight_decay": 0.0},
     "eval_every": 100,
     "checkpoint": {"every_steps": 200},
     "val_clips": 8,
