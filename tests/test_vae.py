@@ -71,7 +71,9 @@ def test_exported_vae_names_no_machine_path(tmp_path, vae):
 
 def test_a_4x_spatial_vae_keeps_wan_time_and_names_its_levels():
     """Three levels with both temporal downsamplings (the demo VAE): 4x spatial, 4x temporal, causal."""
-    cfg = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), temporal_downsample=(True, True), num_res_blocks=1)
+    cfg = VAEConfig(
+        base_dim=8, z_dim=4, dim_mult=(1, 2, 2), temporal_downsample=(True, True), num_res_blocks=1
+    )
     vae = WanVAE.from_config(cfg).eval()
     assert (vae.spatial_factor, vae.temporal_factor, cfg.spatial_factor) == (4, 4, 4)
     video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
@@ -90,7 +92,7 @@ def test_a_4x_spatial_vae_keeps_wan_time_and_names_its_levels():
 def test_temporal_downsample_must_fit_the_levels(levels, dim_mult):
     from astra.config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match="vae: .*temporal_downsample"):
+    with pytest.raises(ConfigError, match=r"vae: .*temporal_downsample"):
         build_config({"vae": {"z_dim": 16, "dim_mult": dim_mult, "temporal_downsample": levels}})
-    with pytest.raises(ConfigError, match="vae: .*dim_mult"):
+    with pytest.raises(ConfigError, match=r"vae: .*dim_mult"):
         build_config({"vae": {"dim_mult": (1, 2)}})

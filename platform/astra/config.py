@@ -282,13 +282,15 @@ class VAEConfig(FrozenModel):
     def _levels(self) -> VAEConfig:
         levels = len(self.dim_mult) - 1
         if levels < 2:
-            raise ValueError(f"dim_mult: need at least 3 levels (two temporal downsamplings), got {self.dim_mult}")
-        if self.temporal_downsample is not None:
-            if len(self.temporal_downsample) != levels or sum(self.temporal_downsample) != 2:
-                raise ValueError(
-                    f"temporal_downsample: need {levels} entries (one per level after the first of dim_mult) "
-                    f"with exactly two true, got {self.temporal_downsample}"
-                )
+            raise ValueError(
+                f"dim_mult: need at least 3 levels (two temporal downsamplings), got {self.dim_mult}"
+            )
+        t = self.temporal_downsample
+        if t is not None and (len(t) != levels or sum(t) != 2):
+            raise ValueError(
+                f"temporal_downsample: need {levels} entries (one per level after the first of dim_mult) "
+                f"with exactly two true, got {t}"
+            )
         return self
 
     @property
@@ -308,7 +310,11 @@ class VAEConfig(FrozenModel):
         """Identifies the VAE whose latents a store holds."""
         if self.pretrained_path is not None:
             return f"pretrained:{self.pretrained_path}"
-        levels = "" if self.temporal_downsample is None else "-t" + "".join("1" if t else "0" for t in self.temporal_downsample)
+        levels = (
+            ""
+            if self.temporal_downsample is None
+            else "-t" + "".join("1" if t else "0" for t in self.temporal_downsample)
+        )
         return f"random:{self.base_dim}-{self.z_dim}-{'.'.join(map(str, self.dim_mult))}{levels}-{self.num_res_blocks}-seed{self.seed}"
 
 
@@ -484,8 +490,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "framepack": {"target_frames": 2, "recent_frames": 1, "frames_2x": 2, "frames_4x": 4},
             "context_length": 32,
         },
-        "vae": {"base_dim": 16, "z_dim": 16, "dim_mult": (1, 2, 2), "temporal_downsample": (True, True),
-                "num_res_blocks": 1},
+        "vae": {
+            "base_dim": 16,
+            "z_dim": 16,
+            "dim_mult": (1, 2, 2),
+            "temporal_downsample": (True, True),
+            "num_res_blocks": 1,
+        },
         "sampler": {"num_steps": 10},
     },
 }
