@@ -15,7 +15,9 @@ import copy
 import json
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -276,6 +278,46 @@ def test_dockerfile_builds_the_project_without_weights_as_a_user():
     (exact,) = Requirement(pin).specifier
     assert exact.operator == "==" and torch_req[0].specifier.contains(exact.version)
     assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX"])
+
+
+def test_the_image_builds_the_package_from_exactly_the_files_it_copies(tmp_path):
+    """The Dockerfile's `pip install .` sees only what its COPY steps before it put in the image (tracked,
+    not .dockerignored): stage exactly those files and build the wheel from them (offline, no deps), as
+    the image build does; the wheel holds the library and no weights."""
+    import zipfile
+
+    steps = dockerfile()
+    install = next(
+        i for i, (op, a) in enumerate(steps) if op == "RUN" and re.search(r"pip install \.(\s|$)", a)
+    )
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [p for p in patterns if p and not p.startswith("#")]
+    stage = tmp_path / "image"
+    for op, args in steps[:install]:
+        if op != "COPY":
+            continue
+        *sources, dest = [a for a in args.split() if not a.startswith("--")]
+        for source in sources:
+            tracked = subprocess.run(
+                ["git", "ls-files", "--", source], cwd=ROOT, capture_output=True, text=True
+            )
+            for rel in tracked.stdout.split():
+                if dockerignored(rel, patterns):
+                    continue
+                inner = rel[len(source.rstrip("/")) + 1 :] if source.endswith("/") else Path(rel).name
+                target = stage / dest / inner if dest.endswith("/") else stage / dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / rel, target)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--no-index",
+         "-w", str(tmp_path / "wheel")],
+        cwd=stage, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("astra_platform-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "astra/__init__.py" in names and "astra/model/transformer.py" in names
+    assert not [n for n in names if n.endswith(".safetensors") or n.startswith(("platform/", "tests/"))]
 
 
 # ----------------------------------------------------------------------------- KubeRay
