@@ -237,3 +237,14 @@ def test_workers_must_fit_the_cluster_unless_it_autoscales():
     )
     with pytest.raises(ConfigError, match=r"^parallel: 1 workers x 1 CPU"):
         worker_cpus(load_vae_train_config(None, ["preset=tiny", "parallel.cpus_per_worker=1"]), {"CPU": 0.5})
+
+
+def test_local_weight_paths_are_made_absolute_before_the_workers_start(tmp_path, monkeypatch):
+    """Ray Train workers run in folders of their own: a relative VAE or base path would not resolve there."""
+    monkeypatch.chdir(tmp_path)
+    config = resolve_paths(load_train_config(None, ["preset=tiny", "astra.vae.pretrained_path=weights/vae",
+                                                    "init.kind=astra", "init.path=ckpt", "init.base=weights/wan"]))  # fmt: skip
+    assert config.astra.vae.pretrained_path == str(tmp_path / "weights" / "vae")
+    assert (config.init.path, config.init.base) == (str(tmp_path / "ckpt"), str(tmp_path / "weights" / "wan"))
+    remote = resolve_paths(load_train_config(None, ["preset=tiny", "astra.vae.pretrained_path=s3://b/vae"]))
+    assert remote.astra.vae.pretrained_path == "s3://b/vae"
