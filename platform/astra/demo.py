@@ -33,7 +33,8 @@ ABLATIONS = {
     # the other of the two changes the first measurement made at once (raw rows: the reference)
     "raw actions (not normalised)": ("astra.model.actions.normalize=false",),
     "learned routing (top-2)": ("astra.model.actions.routing=learned",),
-    # only the newest latents, no anchor, no packed 2x/4x groups: 32 history tokens against FramePack's 37
+    # only the newest latents, no anchor, no packed 2x/4x groups: 128 history tokens against FramePack's 148
+    # (whole 16x16 latents come in steps of 64 tokens: the nearest budget below FramePack's)
     "last 2 latents, no FramePack": ("astra.model.framepack.recent_frames=2", "astra.model.framepack.frames_2x=0",
                                      "astra.model.framepack.frames_4x=0", "astra.model.framepack.keep_anchor=false"),
 }  # fmt: skip

@@ -54,8 +54,10 @@ class EvalConfig(FrozenModel):
     rows: tuple[RowConfig, ...] = Field(
         (RowConfig(name="full", model="model"),
          RowConfig(name="w/o AFG", model="model", action_guidance=1.0),
-         RowConfig(name="no actions", model="model", action_guidance=0.0)),
-        description="The table's lines, in order; the first is the reference for the drift plot.",
+         RowConfig(name="no actions", model="model", action_guidance=0.0),
+         RowConfig(name="UniPC 4 steps", model="model", solver="unipc", num_steps=4)),
+        description="The table's lines, in order; the first is the reference for the drift plot. The "
+        "last row is the fast sampler's cost against the model's own (sampler.num_steps Euler steps).",
     )  # fmt: skip
     modalities: tuple[str, ...] = Field(("camera", "driving", "robot"), description="Worlds evaluated.")
     cases: int = Field(60, ge=1, description="Held-out cases per modality.")
