@@ -19,7 +19,7 @@ from astra.encode.config import load_encode_config
 from astra.encode.pipeline import run_encode
 from astra.model import build_wan
 from astra.train.config import load_train_config, resolve_paths
-from astra.train.dataset import plan_data
+from astra.train.dataset import READ_TASKS, plan_data, rank_datasets
 from astra.train.flops import backward_flops, forward_flops, train_step_flops
 from astra.train.parallelize import check_model
 from astra.train.run import run_training
@@ -154,6 +154,20 @@ def test_bad_config_is_named_before_any_worker_starts(train_store, tmp_path, arg
         out, err = capsys.readouterr()
     assert code == 2 and message in err, err[-2000:]
     assert "Ray (" not in out + err  # nothing started
+
+
+@pytest.mark.ray
+def test_each_rank_reads_its_shards_in_order_with_a_bounded_pool_of_read_tasks(train_store, tmp_path):
+    # the reads reserve no CPU, so only the pool size bounds them: unbounded, Ray Data started one
+    # task (a Python worker) per shard at once and a 300-shard store ran the box out of memory
+    import pyarrow.parquet as pq
+
+    config = _config(train_store, tmp_path, "parallel.workers=2")
+    plan = plan_data(config, 2)
+    for i, (name, ds) in enumerate(rank_datasets(plan, config).items()):
+        assert name == f"rank{i}" and ds._logical_plan.dag.compute.size == READ_TASKS
+        expected = [r for f in plan.rank_files[i] for r in pq.read_table(f, columns=["clip_id"]).column(0).to_pylist()]
+        assert [row["clip_id"] for row in ds.iter_rows()] == expected and expected
 
 
 def test_empty_or_missing_store_is_named(tmp_path):

@@ -190,6 +190,11 @@ def _weighted(rows: list[dict], weights: dict[str, float], modalities: list[str]
 # rank's shards are read by a 0-CPU flat_map over their paths, not read_parquet (whose file listing
 # task asks for a whole CPU).
 DATA_CPUS = 0.0
+# ... and, reserving nothing, they must be bounded another way: without a pool size Ray Data starts a
+# task per shard at once (one Python worker each, ~0.2 GB), and a 1,600-clip store of 300 shards ran
+# a 24 GB box out of memory. Two in flight per rank keep a training step fed (a shard is read in
+# milliseconds; the rows are decoded on the worker).
+READ_TASKS = 2
 
 
 def _shard_rows(item: dict, storage) -> list[dict]:
@@ -208,6 +213,7 @@ def rank_datasets(plan: DataPlan, config) -> dict[str, ray.data.Dataset]:
     return {
         f"rank{i}": ray.data.from_items(
             [{"path": p} for p in files], override_num_blocks=max(1, len(files))
-        ).flat_map(_shard_rows, fn_kwargs={"storage": config.data.store}, num_cpus=DATA_CPUS)
+        ).flat_map(_shard_rows, fn_kwargs={"storage": config.data.store}, num_cpus=DATA_CPUS,
+                   compute=ray.data.TaskPoolStrategy(size=READ_TASKS))
         for i, files in enumerate(plan.rank_files)
     }
