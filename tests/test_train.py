@@ -166,7 +166,9 @@ def test_each_rank_reads_its_shards_in_order_with_a_bounded_pool_of_read_tasks(t
     plan = plan_data(config, 2)
     for i, (name, ds) in enumerate(rank_datasets(plan, config).items()):
         assert name == f"rank{i}" and ds._logical_plan.dag.compute.size == READ_TASKS
-        expected = [r for f in plan.rank_files[i] for r in pq.read_table(f, columns=["clip_id"]).column(0).to_pylist()]
+        expected = [
+            r for f in plan.rank_files[i] for r in pq.read_table(f, columns=["clip_id"]).column(0).to_pylist()
+        ]
         assert [row["clip_id"] for row in ds.iter_rows()] == expected and expected
 
 

@@ -213,7 +213,11 @@ def rank_datasets(plan: DataPlan, config) -> dict[str, ray.data.Dataset]:
     return {
         f"rank{i}": ray.data.from_items(
             [{"path": p} for p in files], override_num_blocks=max(1, len(files))
-        ).flat_map(_shard_rows, fn_kwargs={"storage": config.data.store}, num_cpus=DATA_CPUS,
-                   compute=ray.data.TaskPoolStrategy(size=READ_TASKS))
+        ).flat_map(
+            _shard_rows,
+            fn_kwargs={"storage": config.data.store},
+            num_cpus=DATA_CPUS,
+            compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
+        )
         for i, files in enumerate(plan.rank_files)
     }
