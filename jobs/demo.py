@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     demo = ServedDemo(out, plan, from_scratch=args.weights)
     if demo.from_scratch and plan is FULL:  # no committed weights: train them as --weights does
-        print(f"note: no weights in {WEIGHTS}; training them from scratch first (see models/demo/README.md)")
+        have = ", ".join(sorted(demo.committed)) or "none"
+        print(f"note: no adapter in {WEIGHTS} (committed: {have}); training the rest as --weights does first "
+              "(see models/demo/README.md)")  # fmt: skip
         demo.plan = WEIGHTS_PLAN
     demo.start_ray()
     manifest = demo.data()

@@ -79,6 +79,13 @@ class Demo:
     def __init__(self, out: Path, plan: Plan, from_scratch: bool):
         self.out, self.plan, self.start = out, plan, time.monotonic()
         self.from_scratch = from_scratch or not (WEIGHTS / "astra").is_dir()
+        # without a committed adapter, `make demo` still starts from a committed VAE and backbone (an
+        # hour of the from-scratch run); --weights retrains everything
+        self.committed = (
+            set()
+            if from_scratch
+            else {name for name in ("vae", "wan") if (WEIGHTS / name / "config.json").is_file()}
+        )
         self.py = sys.executable
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
                         MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")  # fmt: skip
@@ -168,7 +175,7 @@ class Demo:
     def vae(self, manifest: Path) -> Path:
         """The VAE in stages (VAE_STAGES: 9-, 17-, then 33-frame windows, each from the previous stage's
         weights; see astra/train/vae.py); a stage of 0 steps is skipped."""
-        if not self.from_scratch:
+        if not self.from_scratch or "vae" in self.committed:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"
         stages = [
@@ -197,7 +204,7 @@ class Demo:
         return store
 
     def pretrain(self, store: Path, vae: Path) -> Path:
-        if not self.from_scratch:
+        if not self.from_scratch or "wan" in self.committed:
             print(f"  the backbone: {WEIGHTS / 'wan'} (pre-trained on these worlds as plain video)")
             return WEIGHTS / "wan"
         self.stage(
