@@ -89,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     demo = ServedDemo(out, plan, from_scratch=args.weights)
-    if demo.from_scratch and plan is FULL:  # no committed weights: train them as --weights does
+    if demo.from_scratch and not args.weights:  # no committed adapter: train it as --weights does
         have = ", ".join(sorted(demo.committed)) or "none"
-        print(f"note: no adapter in {WEIGHTS} (committed: {have}); training the rest as --weights does first "
-              "(see models/demo/README.md)")  # fmt: skip
-        demo.plan = WEIGHTS_PLAN
+        steps = "as --weights does" if plan is FULL else f"for {plan.finetune_steps} steps (reduced mode)"
+        print(f"note: no adapter in {WEIGHTS} (committed: {have}); fine-tuning one from the backbone {steps} "
+              "first (see models/demo/README.md)")  # fmt: skip
+        if plan is FULL:
+            demo.plan = WEIGHTS_PLAN
     demo.start_ray()
     manifest = demo.data()
     vae = demo.vae(manifest)

@@ -268,7 +268,8 @@ class Demo:
     def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path, ablations: dict[str, Path]) -> Path:
         p = self.plan
         self.stage(
-            f"4. evaluate on held-out worlds ({p.cases} cases per modality, {p.drift_chunks}-chunk drift)"
+            f"4. evaluate on held-out worlds ({p.cases} cases per modality for the accuracy; {p.drift_cases} "
+            f"of them also rolled out {p.drift_chunks} chunks for the drift)"
         )
         report = self.out / "eval"
         rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
