@@ -50,7 +50,7 @@ def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_checkpoi
     )
     evaluator = Evaluator(config)
     results = evaluator.run(Job("camera", 0, "drift"), preview=True)
-    assert [r.row for r in results] == ["full", "w/o AFG", "no actions", "UniPC 4 steps"]
+    assert [r.row for r in results] == ["full", "w/o AFG", "no actions", "Euler 50 steps", "UniPC 4 steps"]
     assert all(len(r.chunk_psnr) == 2 and len(r.vae_psnr) == 2 for r in results)
     assert results[0].preview is not None and results[0].preview.shape == (2, 17, 64, 64, 3)
     assert results[0].chunk_psnr != results[2].chunk_psnr  # actions reach the full model's rollout

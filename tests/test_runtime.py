@@ -31,8 +31,11 @@ def test_attention_backends_give_the_default_chunk(tiny_config, tiny_model):
     default = _chunk(tiny_model, config)
     assert pick_backend("auto", torch.device("cpu")) == "native"
     for backend in ("native", "_native_math"):
-        out = _chunk(apply_runtime(tiny_model, RuntimeConfig(attention_backend=backend)), config)
-        torch.testing.assert_close(out, default, atol=1e-5, rtol=1e-5)
+        model = apply_runtime(tiny_model, RuntimeConfig(attention_backend=backend))
+        # every attention processor dispatches to the backend asked for (not just the default's output)
+        used = {str(m.processor._attention_backend.value) for m in model.modules() if hasattr(m, "processor")}
+        assert used == {backend}
+        torch.testing.assert_close(_chunk(model, config), default, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match=r"astra\.runtime\.attention_backend: 'xformers' cannot run here"):
         apply_runtime(tiny_model, RuntimeConfig(attention_backend="xformers"))  # not installed
     with pytest.raises(ConfigError, match=r"runtime\.attention_backend.*no '_hub'"):

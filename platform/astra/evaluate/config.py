@@ -55,9 +55,10 @@ class EvalConfig(FrozenModel):
         (RowConfig(name="full", model="model"),
          RowConfig(name="w/o AFG", model="model", action_guidance=1.0),
          RowConfig(name="no actions", model="model", action_guidance=0.0),
+         RowConfig(name="Euler 50 steps", model="model", solver="euler", num_steps=50),
          RowConfig(name="UniPC 4 steps", model="model", solver="unipc", num_steps=4)),
         description="The table's lines, in order; the first is the reference for the drift plot. The "
-        "last row is the fast sampler's cost against the model's own (sampler.num_steps Euler steps).",
+        "last two are the fast sampler's cost against 50 Euler steps (the reference sampler).",
     )  # fmt: skip
     modalities: tuple[str, ...] = Field(("camera", "driving", "robot"), description="Worlds evaluated.")
     cases: int = Field(60, ge=1, description="Held-out cases per modality.")
