@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from astra.config import AstraConfig, ConfigError, load_config, parse_overrides, preset
+from astra.config import AstraConfig, ConfigError, load_config, preset
+from astra.config_base import parse_overrides
 
 
 def test_presets_build_and_are_frozen():

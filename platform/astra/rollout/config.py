@@ -13,18 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from astra.config import (
-    PRESETS,
-    AstraConfig,
-    FrozenModel,
-    TextEncoderConfig,
-    build_config,
-    deep_merge,
-    load_config,
-    load_config_tree,
-    multiple_of_16,
-    parse_overrides,
-)
+from astra.config import PRESETS, AstraConfig, TextEncoderConfig, build_config, load_config, multiple_of_16
+from astra.config_base import FrozenModel, deep_merge, load_config_tree, parse_overrides
 from astra.data.storage import StorageConfig
 from astra.rollout.commands import CommandConfig
 
