@@ -2,8 +2,8 @@
 
 Every model is a frozen pydantic model with ``extra="forbid"``: a typo in a YAML key or a
 bad value fails at load time with a message naming the field (the shared machinery is in
-``astra.config_base``). Presets live in ``PRESETS``; ``load_config`` reads a YAML file (optionally naming a preset) and applies dotted command
-line overrides such as ``model.backbone.num_layers=4``.
+``astra.config_base``). Presets live in ``PRESETS``; ``load_config`` reads a YAML file (optionally
+naming a preset) and applies dotted command line overrides such as ``model.backbone.num_layers=4``.
 
 To change a built config use ``derive(config, {"vae": {"z_dim": 8}})`` or ``derive(config,
 ["vae.z_dim=8"])``: it re-validates the whole config, cross-field checks included. Never
@@ -491,7 +491,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def multiple_of_16(v: int) -> int:
-    """Validator of a video height / width: the VAE downsamples 8x and the patch embedding 2x."""
+    """Validator of a video height / width: Wan's VAE downsamples 8x and the patch embedding 2x (a
+    4x VAE, as the demo's, needs only 8; one rule for every preset)."""
     if v % 16:
         raise ValueError(f"must be a multiple of 16 (VAE 8x, patch 2x), got {v}")
     return v

@@ -70,14 +70,15 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, 3, 1+4k, H, W) in [-1, 1] -> normalised latents (B, z, 1+k, H/8, W/8), float32."""
+        """video (B, 3, 1+4k, H, W) in [-1, 1] -> normalised latents (B, z, 1+k, H/s, W/s), float32
+        (s = ``spatial_factor``: 8 for Wan's VAE, 4 for the demo's)."""
         dtype = next(self.vae.parameters()).dtype
         z = self.vae.encode(video.to(dtype)).latent_dist.mode().float()
         return (z - self.latents_mean) / self.latents_std
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """normalised latents (B, z, 1+k, h, w) -> video (B, 3, 1+4k, 8h, 8w) in [-1, 1], float32."""
+        """normalised latents (B, z, 1+k, h, w) -> video (B, 3, 1+4k, s*h, s*w) in [-1, 1], float32."""
         dtype = next(self.vae.parameters()).dtype
         z = latents.float() * self.latents_std + self.latents_mean
         return self.vae.decode(z.to(dtype)).sample.float().clamp(-1, 1)
