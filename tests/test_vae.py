@@ -96,3 +96,31 @@ def test_temporal_downsample_must_fit_the_levels(levels, dim_mult):
         build_config({"vae": {"z_dim": 16, "dim_mult": dim_mult, "temporal_downsample": levels}})
     with pytest.raises(ConfigError, match=r"vae: .*dim_mult"):
         build_config({"vae": {"dim_mult": (1, 2)}})
+
+
+def test_the_still_scene_loss_is_what_the_vae_job_trains_and_training_on_it_lowers_it():
+    """``still_loss`` (the VAE job's ``still_weight``): a still clip's latents pulled together over
+    time, inside the DDP-wrapped forward; a few steps on it alone cut it, and it is scale-free."""
+    from astra.train.vae import Reconstruction, still_loss
+
+    torch.manual_seed(0)
+    model = Reconstruction(WanVAE.from_config(preset("tiny").vae).vae)
+    video = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    recon, kl, off = model(video)
+    assert recon.shape == video.shape and kl.shape == (2,) and float(off) == 0.0
+    before = float(model(video, still=True)[2])
+    torch.testing.assert_close(torch.tensor(before), still_loss(model.vae, video).detach())
+    assert before > 0.01  # a fresh VAE encodes a still scene differently at each latent index
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        loss = model(video, still=True)[2]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(model(video, still=True)[2]) < before / 2
+    # scale-free: the encoder cannot lower it by shrinking its latents
+    with torch.no_grad():
+        trained = still_loss(model.vae, video)
+        for p in model.vae.quant_conv.parameters():
+            p.mul_(0.1)
+        torch.testing.assert_close(still_loss(model.vae, video), trained, rtol=1e-3, atol=1e-6)
