@@ -154,3 +154,49 @@ def test_learned_routing_reports_expert_usage(tiny_config, tiny_wan):
     usage = stats.expert_usage
     assert usage.shape == (cfg.model.actions.num_experts,) and abs(usage.sum().item() - 1.0) < 1e-5
     assert (usage > 0).sum() >= cfg.model.actions.top_k  # top-2 of 4 experts share every row
+
+
+def test_lr_scale_groups_the_trainables_and_a_checkpoint_restores_every_group(tiny_model, tmp_path):
+    """``optim.lr_scale``: matching parameters form their own AdamW group at a multiple of the lr;
+    the sharded checkpoint saves and restores both groups' state."""
+    from astra.train import checkpoint as ckpt
+    from astra.train.config import load_train_config
+    from astra.train.loop import param_groups
+
+    cfg = load_train_config(None, ["preset=tiny", "optim.lr_scale={'moe|action_encoder': 10}"])
+    mark_trainable(tiny_model, cfg.trainable)
+    groups = param_groups(tiny_model, cfg)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    by_scale = {g["lr_scale"]: [names[id(p)] for p in g["params"]] for g in groups}
+    assert set(by_scale) == {1.0, 10.0}
+    assert by_scale[10.0] and all(("moe" in n or "action_encoder" in n) for n in by_scale[10.0])
+    assert not any(("moe" in n or "action_encoder" in n) for n in by_scale[1.0])
+    assert sum(map(len, by_scale.values())) == sum(p.requires_grad for p in tiny_model.parameters())
+
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    tiny_model.train()
+    for seed in range(2):
+        target, inputs = _batch(cfg.astra, seed=seed)
+        training_loss(tiny_model, target, inputs, cfg.astra.diffusion, cfg.astra.model.actions).loss.backward()
+        opt.step()
+    ckpt.save(tmp_path / "c", tiny_model, opt, {"step": 2}, 0, cfg.trainable)
+    saved = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
+    for state in opt.state.values():  # wipe, then restore from the checkpoint
+        for v in state.values():
+            v.zero_() if torch.is_tensor(v) else None
+    assert ckpt.load(tmp_path / "c", tiny_model, opt, cfg.trainable) == {"step": 2}
+    restored = opt.state_dict()
+    assert [g["lr_scale"] for g in restored["param_groups"]] == [g["lr_scale"] for g in groups]
+    for k, v in saved.items():
+        torch.testing.assert_close(restored["state"][k]["exp_avg"], v)
+    assert any(float(v.abs().max()) > 0 for v in saved.values())
+
+
+def test_lr_scale_names_a_bad_pattern():
+    from astra.config import ConfigError
+    from astra.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match="lr_scale"):
+        load_train_config(None, ["preset=tiny", "optim.lr_scale={'moe(': 10}"])
+    with pytest.raises(ConfigError, match="lr_scale"):
+        load_train_config(None, ["preset=tiny", "optim.lr_scale={'moe': 0}"])

@@ -45,7 +45,7 @@ class Plan:
     """How big each stage is (full demo, ``DEMO_FAST=1``, and ``--weights``)."""
 
     clips: int
-    vae_steps: tuple[int, int, int]  # steps of each stage of VAE_STAGES (0: skipped)
+    vae_steps: tuple[int, int, int, int]  # steps of each stage of VAE_STAGES (0: skipped)
     pretrain_steps: int
     finetune_steps: int
     cases: int
@@ -60,16 +60,16 @@ class Plan:
 
 # the VAE's stages (vae presets of astra/train/vae.py) and the weights folder each one leaves; the
 # last stage's is the VAE the later stages use
-VAE_STAGES = (("demo", "vae-short"), ("demo-long", "vae-17"), ("demo-whole", "vae"))
+VAE_STAGES = (("demo", "vae-short"), ("demo-long", "vae-17"), ("demo-whole", "vae-33"), ("demo-still", "vae"))
 CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
 # (the full demo continues the committed adapter: a gentle learning rate, a short warm-up)
-FULL = Plan(clips=240, vae_steps=(0, 0, 0), pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
+FULL = Plan(clips=240, vae_steps=(0, 0, 0, 0), pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
             drift_chunks=10, rollout_chunks=6, reference_steps=50, ablations=0,
             job_overrides=(CPUS, "optim.lr=1e-4", "optim.warmup_steps=5"))  # fmt: skip
-FAST = Plan(clips=12, vae_steps=(4, 0, 0), pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
+FAST = Plan(clips=12, vae_steps=(4, 0, 0, 0), pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, reference_steps=12, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=1600, vae_steps=(3000, 600, 400), pretrain_steps=2000, finetune_steps=4000, cases=60,
+WEIGHTS_PLAN = Plan(clips=1600, vae_steps=(3000, 600, 400, 150), pretrain_steps=2000, finetune_steps=4000, cases=60,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6, reference_steps=50,
                     ablations=len(ABLATIONS),
                     job_overrides=(CPUS,))  # fmt: skip
@@ -173,8 +173,9 @@ class Demo:
         return clips / "manifest.jsonl"
 
     def vae(self, manifest: Path) -> Path:
-        """The VAE in stages (VAE_STAGES: 9-, 17-, then 33-frame windows, each from the previous stage's
-        weights; see astra/train/vae.py); a stage of 0 steps is skipped."""
+        """The VAE in stages (VAE_STAGES: 9-, 17-, then 33-frame windows, then whole clips with the
+        still-scene loss, each from the previous stage's weights; see astra/train/vae.py); a stage of
+        0 steps is skipped."""
         if not self.from_scratch or "vae" in self.committed:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"

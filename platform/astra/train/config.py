@@ -8,6 +8,8 @@ checkpoints, evaluation and tracking. Presets: ``tiny`` (a laptop) and ``wan2.1-
 
 from __future__ import annotations
 
+import re
+
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -94,6 +96,24 @@ class OptimConfig(FrozenModel):
     grad_clip: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm to this; None: off."
     )
+    lr_scale: dict[str, float] = Field(
+        default_factory=dict,
+        description="Learning-rate multipliers by parameter: a regex searched in the parameter's name -> "
+        "factor (the first matching entry wins; others train at 1x). E.g. {'moe|action_encoder': 10}: the "
+        "new, zero-initialised action pathway learns faster than the pretrained weights it steers.",
+    )
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _patterns(cls, v: dict[str, float]) -> dict[str, float]:
+        for pattern, factor in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regex: {e}") from None
+            if not factor > 0:
+                raise ValueError(f"{pattern!r}: the factor must be > 0, got {factor}")
+        return v
 
 
 class ParallelConfig(FrozenModel):

@@ -10,6 +10,7 @@ Rank 0 alone talks to MLflow; metrics reach the driver through ``ray.train.repor
 from __future__ import annotations
 
 import math
+import re
 import os
 import resource
 import tempfile
@@ -43,6 +44,18 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(config.max_steps - o.warmup_steps, 1))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.decay == "cosine" else 1 - progress
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """The trainable parameters as AdamW groups by ``optim.lr_scale`` (each group's ``lr_scale`` is the
+    multiple of the scheduled lr it trains at), in the model's parameter order."""
+    scales = config.optim.lr_scale
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((f for pattern, f in scales.items() if re.search(pattern, name)), 1.0)
+            groups.setdefault(scale, []).append(p)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
 def _tokens(inputs, target_shape, patch: tuple[int, int, int]) -> int:
@@ -94,7 +107,7 @@ class Worker:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
         self.optimizer = torch.optim.AdamW(
-            trainable, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+            param_groups(self.model, config), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
         )
         self.trainable = trainable
         self.step, self.position, run_id = 0, Position(), None
@@ -164,7 +177,7 @@ class Worker:
             grad_norm = grad_norm.full_tensor()
         lr = cfg.optim.lr * lr_factor(self.step + 1, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         self.optimizer.step()
         self.step += 1
         seconds = time.perf_counter() - start
