@@ -288,9 +288,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 # the demo world (`make demo`): the demo model, fine-tuned in minutes on 2 CPU cores
+# The zero-initialised action pathway (experts, action projectors) trains at 10x the lr: measured on the
+# demo store (p = 0, single process), the validation action gain at sigma 0.9 reached +0.017 after 1,200
+# steps at 10x vs at most +0.003 after 4,000 at 1x (the fine-tuning job); a toy (targets = history shifted
+# by the action) +0.10 vs +0.03 after 500 steps.
 TRAIN_PRESETS["demo"] = {
     "astra": PRESETS["demo"],
-    "optim": {"lr": 5e-4, "warmup_steps": 50, "weight_decay": 0.0},
+    "optim": {"lr": 5e-4, "warmup_steps": 50, "weight_decay": 0.0, "lr_scale": {r"\.moe\.|^action_encoder\.": 10.0}},
     "parallel": {"param_dtype": "float32"},
     "checkpoint": {"every_steps": 250, "keep_last": 2},
     "max_steps": 1000,
