@@ -200,3 +200,23 @@ def test_lr_scale_names_a_bad_pattern():
         load_train_config(None, ["preset=tiny", "optim.lr_scale={'moe(': 10}"])
     with pytest.raises(ConfigError, match="lr_scale"):
         load_train_config(None, ["preset=tiny", "optim.lr_scale={'moe': 0}"])
+
+
+def test_every_preset_logs_as_mlflow_params(tmp_path):
+    """The job logs the whole config as MLflow params: the demo preset's ``optim.lr_scale`` regex keys
+    are no valid param names, so that dict is one param (JSON); a real MLflow store takes them all."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from astra.train.config import TRAIN_PRESETS, load_train_config
+    from astra.train.tracking import _flatten
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("presets"))
+    for name in TRAIN_PRESETS:
+        params = _flatten(load_train_config(None, [f"preset={name}"]).model_dump(mode="json"))
+        items = [mlflow.entities.Param(f"{name}/{k}", v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run.info.run_id, params=items[i : i + 100])
+    logged = client.get_run(run.info.run_id).data.params
+    assert logged["demo/optim.lr_scale"] == '{"\\\\.moe\\\\.|^action_encoder\\\\.": 10.0}'

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -34,11 +35,17 @@ def config_hash(config: TrainConfig) -> str:
     ]
 
 
+#: what MLflow accepts in a param name
+_PARAM_NAME = re.compile(r"^[\w\-. :/]+$")
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": value as text}; a dict whose keys MLflow would refuse as part of a
+    param name (``optim.lr_scale``'s regexes) stays one param, its value the dict as JSON."""
     out: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and all(_PARAM_NAME.match(str(k)) for k in value):
             out |= _flatten(value, f"{name}.")
         else:
             out[name] = json.dumps(value) if not isinstance(value, str) else value

@@ -13,7 +13,8 @@ the encode job's reader at the configured size and rate; each worker holds its s
 ``clip_frames`` (1 + 4k) frames, seeded by (seed, rank, step) so a resumed run draws what the
 uninterrupted one did. Held-out clips (chosen by a hash of their id) give the validation loss and PSNR.
 
-Objective: pixel MSE of the reconstruction from a posterior sample + ``kl_weight`` x KL. The export
+Objective: pixel MSE of the reconstruction from a posterior sample + ``kl_weight`` x KL (+
+``still_weight`` x the still-scene loss, ``still_loss``: a still clip's latents kept equal over time). The export
 sets the VAE's ``latents_mean`` / ``latents_std`` to per-channel statistics of the training clips'
 latents, so ``astra.model.vae.WanVAE`` (which normalises with them) hands the world model unit-scale
 latents, as Wan-2.1's own statistics do for the real VAE.
