@@ -177,7 +177,9 @@ def test_lr_scale_groups_the_trainables_and_a_checkpoint_restores_every_group(ti
     tiny_model.train()
     for seed in range(2):
         target, inputs = _batch(cfg.astra, seed=seed)
-        training_loss(tiny_model, target, inputs, cfg.astra.diffusion, cfg.astra.model.actions).loss.backward()
+        training_loss(
+            tiny_model, target, inputs, cfg.astra.diffusion, cfg.astra.model.actions
+        ).loss.backward()
         opt.step()
     ckpt.save(tmp_path / "c", tiny_model, opt, {"step": 2}, 0, cfg.trainable)
     saved = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}

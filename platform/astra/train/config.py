@@ -9,7 +9,6 @@ checkpoints, evaluation and tracking. Presets: ``tiny`` (a laptop) and ``wan2.1-
 from __future__ import annotations
 
 import re
-
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -294,7 +293,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 # by the action) +0.10 vs +0.03 after 500 steps.
 TRAIN_PRESETS["demo"] = {
     "astra": PRESETS["demo"],
-    "optim": {"lr": 5e-4, "warmup_steps": 50, "weight_decay": 0.0, "lr_scale": {r"\.moe\.|^action_encoder\.": 10.0}},
+    "optim": {
+        "lr": 5e-4,
+        "warmup_steps": 50,
+        "weight_decay": 0.0,
+        "lr_scale": {r"\.moe\.|^action_encoder\.": 10.0},
+    },
     "parallel": {"param_dtype": "float32"},
     "checkpoint": {"every_steps": 250, "keep_last": 2},
     "max_steps": 1000,

@@ -10,8 +10,8 @@ Rank 0 alone talks to MLflow; metrics reach the driver through ``ray.train.repor
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import resource
 import tempfile
 import time
@@ -104,12 +104,12 @@ class Worker:
         dtype = getattr(torch, config.parallel.param_dtype)
         use_autocast = not sharded(config) and dtype != torch.float32
         self.autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=use_autocast)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
+        groups = param_groups(self.model, config)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, config), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+            groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
         )
-        self.trainable = trainable
+        self.trainable = [p for g in groups for p in g["params"]]
         self.step, self.position, run_id = 0, Position(), None
         resumed = ray.train.get_checkpoint()
         if resumed is not None:
