@@ -97,6 +97,9 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     assert fast[0].strip() == "unipc 4, AFG 3" and reference[0].strip() == "euler 12, AFG 3"
     assert float(fast[-2]) > 0 and float(reference[-2]) > 0  # s/chunk measured (compared in the report)
     assert (out / "eval" / "accuracy.png").stat().st_size > 1000
+    # the action probe: every row and modality; the null action scores exactly chance with response 0
+    probe = report.split("## Action probe", 1)[1].split("\n## ", 1)[0]
+    assert probe.split("| no actions |", 1)[1].split("\n", 1)[0].count("25.0% / 0.000") == 3
     results = json.loads((out / "eval" / "results.json").read_text())
     assert {r["modality"] for r in results} == {"camera", "driving", "robot"}
 

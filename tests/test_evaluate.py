@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from astra.config import ConfigError
 from astra.evaluate.cases import make_case, world_seed
 from astra.evaluate.config import load_eval_config
 from astra.evaluate.metrics import nearest, psnr, ssim
+from astra.evaluate.probe import ProbeScore, probe, probe_score
 from astra.evaluate.rollouts import Evaluator, Job
 
 
@@ -70,6 +72,47 @@ def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_checkpoi
     assert not np.array_equal(frames("full", case), frames("full", other))
     acc = evaluator.run(Job("robot", 1, "accuracy"))
     assert all(r.correct in (True, False) and len(r.distances) == 2 for r in acc)
+    probes = {r.row: (r.probe_direction, r.probe_response) for r in acc}
+    assert probes["full"][1] > 0 and probes["full"][1] > probes["w/o AFG"][1]  # AFG 3 amplifies the answer
+    assert probes["no actions"] == (0.5, 0.0)  # the null action: equal estimates, chance exactly
+
+
+def test_the_action_probe_scores_direction_and_response():
+    g = torch.Generator().manual_seed(0)
+    truths = torch.randn(4, 16, 2, 8, 8, generator=g)
+    common = torch.randn(1, 16, 2, 8, 8, generator=g)
+    half = common + 0.5 * (truths - truths.mean(0))  # follows every sequence, half as far
+    assert probe_score(half, truths) == ProbeScore(1.0, pytest.approx(0.5))
+    swapped = half[[1, 0, 3, 2]]  # answers each sequence with another's future
+    assert probe_score(swapped, truths).direction == 0.0
+    assert probe_score(common.expand(4, -1, -1, -1, -1), truths) == ProbeScore(0.25, 0.0)  # ignores actions
+
+
+def test_the_probe_reads_the_models_answer_to_the_actions(acting_checkpoint):
+    """The probe's estimates are the sampler's first step: a fresh model (zero experts) answers no
+    action (chance, response 0), the acting checkpoint answers them, and the noise seed matters."""
+    from astra.config import preset
+    from astra.model import AstraTransformer, build_wan
+    from astra.model.io import load_astra
+    from astra.rollout import RolloutSession
+
+    cfg = preset("tiny")
+    t, raw = cfg.model.framepack.target_frames, cfg.model.actions.modality("camera").raw_dim
+    case = make_case("camera", 2, 11, latents=t, distractors=3, size=(64, 64), fps=16.0)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(4, cfg.model.backbone.in_channels, 1 + t, 8, 8, generator=g)
+    session = RolloutSession.start(
+        "c", "camera", latents[0, :, :1], torch.zeros(4, cfg.model.backbone.text_dim), raw, 0
+    )
+    sequences = torch.from_numpy(np.stack([r[1 : 1 + t] for r in case.sequences]))
+    assert len(case.sequences) == 4 and not torch.equal(sequences[0], sequences[1])
+
+    torch.manual_seed(0)
+    fresh = AstraTransformer.from_wan(build_wan(cfg.model.backbone), cfg.model).eval()
+    assert probe(fresh, cfg, session, sequences, latents[:, :, 1:], seed=3) == ProbeScore(0.25, 0.0)
+    acting = load_astra(acting_checkpoint, dtype=torch.float32).eval()
+    score = probe(acting, cfg, session, sequences, latents[:, :, 1:], seed=3)
+    assert score.response > 0 and score != probe(acting, cfg, session, sequences, latents[:, :, 1:], seed=4)
 
 
 @pytest.mark.ray

@@ -27,6 +27,12 @@ class Case:
     prompt: str
     rows: np.ndarray  # (1 + L, raw_dim) commanded action rows per latent frame (row 0: rest)
     truths: list[np.ndarray]  # [commanded, distractor 1..K]: (1 + 4L, H, W, 3) uint8 each
+    distractor_rows: tuple[np.ndarray, ...] = ()  # [distractor 1..K]: (1 + L, raw_dim) each
+
+    @property
+    def sequences(self) -> list[np.ndarray]:
+        """The action rows of every truth, in the order of ``truths``."""
+        return [self.rows, *self.distractor_rows]
 
 
 def world_seed(seed: int, modality: str, index: int) -> int:
@@ -43,14 +49,21 @@ def make_case(
     world = make_world(modality, wseed, dt=1.0 / fps)
     start = initial_state(world)
     frames = 1 + 4 * latents
-    truths, rows = [], None
+    truths, rows = [], []
     for k in range(distractors + 1):
         actions = random_actions(world, frames, seed=wseed * 31 + k)
         clip = rollout(world, start, actions, size)
         truths.append(clip.frames)
-        if k == 0:
-            rows = latent_actions(modality, clip.poses).astype(np.float32)
-    return Case(f"{modality}-{index:04d}-w{wseed}", modality, wseed, prompt_of(world), rows, truths)
+        rows.append(latent_actions(modality, clip.poses).astype(np.float32))
+    return Case(
+        f"{modality}-{index:04d}-w{wseed}",
+        modality,
+        wseed,
+        prompt_of(world),
+        rows[0],
+        truths,
+        tuple(rows[1:]),
+    )
 
 
 def seeds_in_store(storage) -> set[int]:

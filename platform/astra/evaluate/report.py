@@ -16,6 +16,7 @@ from astra.evaluate.rollouts import CaseResult
 @dataclass(frozen=True)
 class Summary:
     accuracy: dict[tuple[str, str], tuple[float, int]]  # (row, modality) -> (accuracy, cases)
+    probe: dict[tuple[str, str], tuple[float, float]]  # (row, modality) -> (direction, response)
     psnr: dict[tuple[str, str], list[float]]  # (row, modality) -> mean PSNR per chunk
     ssim: dict[tuple[str, str], list[float]]
     vae_psnr: dict[str, list[float]]  # modality -> the VAE's own PSNR per chunk
@@ -24,6 +25,7 @@ class Summary:
 
 def summarise(results: list[CaseResult]) -> Summary:
     acc: dict[tuple[str, str], list[bool]] = {}
+    probe: dict[tuple[str, str], list[tuple[float, float]]] = {}
     ps: dict[tuple[str, str], list[list[float]]] = {}
     ss: dict[tuple[str, str], list[list[float]]] = {}
     vae: dict[str, list[list[float]]] = {}
@@ -33,12 +35,15 @@ def summarise(results: list[CaseResult]) -> Summary:
         secs.setdefault(r.row, []).append(r.chunk_seconds)
         if r.kind == "accuracy":
             acc.setdefault(key, []).append(bool(r.correct))
+            if r.probe_direction is not None:
+                probe.setdefault(key, []).append((r.probe_direction, r.probe_response))
         else:
             ps.setdefault(key, []).append(r.chunk_psnr)
             ss.setdefault(key, []).append(r.chunk_ssim)
             vae.setdefault(r.modality, []).append(r.vae_psnr)
     return Summary(
         accuracy={k: (float(np.mean(v)), len(v)) for k, v in acc.items()},
+        probe={k: tuple(float(x) for x in np.mean(v, axis=0)) for k, v in probe.items()},
         psnr={k: np.mean(v, axis=0).tolist() for k, v in ps.items()},
         ssim={k: np.mean(v, axis=0).tolist() for k, v in ss.items()},
         vae_psnr={k: np.mean(v, axis=0).tolist() for k, v in vae.items()},
@@ -139,6 +144,23 @@ def write_report(config: EvalConfig, results: list[CaseResult], out: Path, model
         mean = np.mean([v[0] for v in vals if v is not None]) if any(vals) else float("nan")
         lines.append(f"| {row.name} | {_sampler(config, row)} | " + " | ".join(cells)
                      + f" | {mean:.1%} | {s.seconds.get(row.name, float('nan')):.3f} |")  # fmt: skip
+    if s.probe:
+        lines += ["", "## Action probe: the first chunk's estimate from pure noise (sigma = 1)", "",
+                  "Per case, the model's x0 estimate at the first sampling step for each of the case's action "
+                  "sequences (one noise, the row's action guidance) against the sequences' VAE-encoded truths: "
+                  f"*direction* = share of estimates whose deviation from the estimates' mean points most to their "
+                  f"own truth's deviation (chance {chance:.0%}; a model that ignores actions scores exactly chance), "
+                  "*response* = how far the actions move the estimate, as a fraction of how far they move the "
+                  "truth (0 = not at all). See astra/evaluate/probe.py.", "",
+                  "| row | " + " | ".join(f"{m} direction / response" for m in mods) + " |",
+                  "|---|" + "---|" * len(mods)]  # fmt: skip
+        for row in config.rows:
+            vals = [s.probe.get((row.name, m)) for m in mods]
+            lines.append(
+                f"| {row.name} | "
+                + " | ".join("-" if v is None else f"{v[0]:.1%} / {v[1]:.3f}" for v in vals)
+                + " |"
+            )
     if s.psnr:
         n = config.drift_chunks
         picks = sorted({1, max(1, n // 2), n})

@@ -19,6 +19,7 @@ from astra.config import derive
 from astra.evaluate.cases import Case, make_case
 from astra.evaluate.config import EvalConfig, RowConfig
 from astra.evaluate.metrics import nearest, psnr, ssim
+from astra.evaluate.probe import probe
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class CaseResult:
     chunk_psnr: list[float] = field(default_factory=list)
     chunk_ssim: list[float] = field(default_factory=list)
     vae_psnr: list[float] = field(default_factory=list)  # the ground truth through the VAE: a ceiling
+    probe_direction: float | None = None  # the action probe (astra.evaluate.probe), accuracy cases
+    probe_response: float | None = None
     chunk_seconds: float = 0.0  # wall time per generated chunk (sampling only, not the decode)
     preview: np.ndarray | None = None  # (2, F, H, W, 3): generated over commanded truth (first cases)
 
@@ -76,30 +79,54 @@ class Evaluator:
     def target_frames(self, row: RowConfig) -> int:
         return self.model(row.model)[1].model.framepack.target_frames
 
+    def row_model(self, row: RowConfig):
+        """(model, its AstraConfig with the row's sampler settings)."""
+        model, astra = self.model(row.model)
+        sampler = row.sampler_overrides()
+        return model, derive(astra, {"sampler": sampler}) if sampler else astra
+
+    def start_session(self, case: Case, astra, start: torch.Tensor | None = None):
+        """A fresh rollout session at the case's start: the start frame VAE-encoded (or the given
+        latent (C, 1, h, w)), the prompt embedded, the noise seeded by the case."""
+        from astra.model.vae import frames_to_video
+        from astra.rollout import RolloutSession
+
+        if start is None:
+            start = self.vae.encode(frames_to_video(torch.from_numpy(case.truths[0][None, :1])))[0]
+        raw_dim = astra.model.actions.modality(case.modality).raw_dim
+        return RolloutSession.start(
+            case.case_id,
+            case.modality,
+            start,
+            self.text.encode([case.prompt])[0],
+            raw_dim,
+            case_seed(case.case_id),
+        )
+
     @torch.no_grad()
     def rollout(self, row: RowConfig, case: Case, chunks: int) -> tuple[np.ndarray, float]:
         """(the generated frames (1 + 4 * chunks * T, H, W, 3) uint8 of ``case`` under ``row``, seconds
         per chunk of sampling)."""
-        from astra.model.vae import frames_to_video, video_to_frames
-        from astra.rollout import RolloutSession, generate_chunk
+        from astra.model.vae import video_to_frames
+        from astra.rollout import generate_chunk
 
-        model, astra = self.model(row.model)
-        sampler = row.sampler_overrides()
-        if sampler:
-            astra = derive(astra, {"sampler": sampler})
+        model, astra = self.row_model(row)
         t = astra.model.framepack.target_frames
-        start = self.vae.encode(frames_to_video(torch.from_numpy(case.truths[0][None, :1])))[0]
-        prompt = self.text.encode([case.prompt])[0]
-        raw_dim = astra.model.actions.modality(case.modality).raw_dim
-        session = RolloutSession.start(
-            case.case_id, case.modality, start, prompt, raw_dim, case_seed(case.case_id)
-        )
+        session = self.start_session(case, astra)
         rows = torch.from_numpy(case.rows)
         began = time.perf_counter()
         for k in range(chunks):
             session, _ = generate_chunk(model, session, rows[1 + k * t : 1 + (k + 1) * t], astra)
         seconds = (time.perf_counter() - began) / chunks
         return video_to_frames(self.vae.decode(session.history[None]))[0].numpy(), seconds
+
+    @torch.no_grad()
+    def first_chunk_latents(self, case: Case, t: int) -> torch.Tensor:
+        """(S, C, 1 + t, h, w): every truth's start latent and first chunk through the VAE."""
+        from astra.model.vae import frames_to_video
+
+        clips = np.stack([truth[: 1 + 4 * t] for truth in case.truths])
+        return self.vae.encode(frames_to_video(torch.from_numpy(clips)))
 
     def run(self, job: Job, preview: bool = False) -> list[CaseResult]:
         """The case under every row (a preview of the first row's rollout when asked)."""
@@ -117,6 +144,7 @@ class Evaluator:
             with torch.no_grad():  # the best a model can do through this VAE
                 recon = self.vae.decode(self.vae.encode(frames_to_video(torch.from_numpy(truth[None]))))
             recon = video_to_frames(recon)[0].numpy()
+        first = self.first_chunk_latents(case, t) if job.kind == "accuracy" else None
         results = []
         for i, row in enumerate(c.rows):
             generated, seconds = self.rollout(row, case, chunks)
@@ -124,6 +152,11 @@ class Evaluator:
             if job.kind == "accuracy":
                 best, result.distances = nearest(generated, case.truths)
                 result.correct = best == 0
+                model, astra = self.row_model(row)
+                session = self.start_session(case, astra, start=first[0, :, :1])
+                sequences = torch.from_numpy(np.stack([r[1 : 1 + t] for r in case.sequences]))
+                score = probe(model, astra, session, sequences, first[:, :, 1:], case_seed(case.case_id))
+                result.probe_direction, result.probe_response = score.direction, score.response
             else:
                 per = 4 * t
                 for k in range(chunks):

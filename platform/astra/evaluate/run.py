@@ -113,6 +113,9 @@ def log_to_mlflow(config: EvalConfig, summary, out: Path, seconds: float) -> str
     metrics = [mlflow.entities.Metric("seconds", seconds, now, 0)]
     for (row, m), (acc, _) in summary.accuracy.items():
         metrics.append(mlflow.entities.Metric(_metric_name("accuracy", row, m), acc, now, 0))
+    for (row, m), (direction, response) in summary.probe.items():
+        metrics.append(mlflow.entities.Metric(_metric_name("probe_direction", row, m), direction, now, 0))
+        metrics.append(mlflow.entities.Metric(_metric_name("probe_response", row, m), response, now, 0))
     for (row, m), values in summary.psnr.items():
         for k, v in enumerate(values, start=1):
             metrics.append(mlflow.entities.Metric(_metric_name("psnr", row, m), v, now, k))
