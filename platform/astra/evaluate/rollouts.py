@@ -85,34 +85,37 @@ class Evaluator:
         sampler = row.sampler_overrides()
         return model, derive(astra, {"sampler": sampler}) if sampler else astra
 
-    def start_session(self, case: Case, astra, start: torch.Tensor | None = None):
-        """A fresh rollout session at the case's start: the start frame VAE-encoded (or the given
-        latent (C, 1, h, w)), the prompt embedded, the noise seeded by the case."""
+    @torch.no_grad()
+    def case_start(self, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the start frame VAE-encoded (C, 1, h, w), the prompt embedded): once per case, shared by
+        every row's rollout and probe."""
         from astra.model.vae import frames_to_video
+
+        start = self.vae.encode(frames_to_video(torch.from_numpy(case.truths[0][None, :1])))[0]
+        return start, self.text.encode([case.prompt])[0]
+
+    def start_session(self, case: Case, astra, start: tuple[torch.Tensor, torch.Tensor]):
+        """A fresh rollout session at the case's ``case_start``, its noise seeded by the case."""
         from astra.rollout import RolloutSession
 
-        if start is None:
-            start = self.vae.encode(frames_to_video(torch.from_numpy(case.truths[0][None, :1])))[0]
+        latent, prompt = start
         raw_dim = astra.model.actions.modality(case.modality).raw_dim
         return RolloutSession.start(
-            case.case_id,
-            case.modality,
-            start,
-            self.text.encode([case.prompt])[0],
-            raw_dim,
-            case_seed(case.case_id),
+            case.case_id, case.modality, latent, prompt, raw_dim, case_seed(case.case_id)
         )
 
     @torch.no_grad()
-    def rollout(self, row: RowConfig, case: Case, chunks: int) -> tuple[np.ndarray, float]:
+    def rollout(
+        self, row: RowConfig, case: Case, chunks: int, start: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[np.ndarray, float]:
         """(the generated frames (1 + 4 * chunks * T, H, W, 3) uint8 of ``case`` under ``row``, seconds
-        per chunk of sampling)."""
+        per chunk of sampling); ``start``: the case's ``case_start`` (computed here when not given)."""
         from astra.model.vae import video_to_frames
         from astra.rollout import generate_chunk
 
         model, astra = self.row_model(row)
         t = astra.model.framepack.target_frames
-        session = self.start_session(case, astra)
+        session = self.start_session(case, astra, start or self.case_start(case))
         rows = torch.from_numpy(case.rows)
         began = time.perf_counter()
         for k in range(chunks):
@@ -121,12 +124,14 @@ class Evaluator:
         return video_to_frames(self.vae.decode(session.history[None]))[0].numpy(), seconds
 
     @torch.no_grad()
-    def first_chunk_latents(self, case: Case, t: int) -> torch.Tensor:
-        """(S, C, 1 + t, h, w): every truth's start latent and first chunk through the VAE."""
+    def first_chunks(self, case: Case, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every sequence's first-chunk action rows (S, t, raw_dim), every truth's first chunk through
+        the VAE (S, C, t, h, w)): what the probe compares."""
         from astra.model.vae import frames_to_video
 
         clips = np.stack([truth[: 1 + 4 * t] for truth in case.truths])
-        return self.vae.encode(frames_to_video(torch.from_numpy(clips)))
+        latents = self.vae.encode(frames_to_video(torch.from_numpy(clips)))[:, :, 1:]
+        return torch.from_numpy(np.stack([r[1 : 1 + t] for r in case.sequences])), latents
 
     def run(self, job: Job, preview: bool = False) -> list[CaseResult]:
         """The case under every row (a preview of the first row's rollout when asked)."""
@@ -144,18 +149,18 @@ class Evaluator:
             with torch.no_grad():  # the best a model can do through this VAE
                 recon = self.vae.decode(self.vae.encode(frames_to_video(torch.from_numpy(truth[None]))))
             recon = video_to_frames(recon)[0].numpy()
-        first = self.first_chunk_latents(case, t) if job.kind == "accuracy" else None
+        start = self.case_start(case)
+        first = self.first_chunks(case, t) if job.kind == "accuracy" else None
         results = []
         for i, row in enumerate(c.rows):
-            generated, seconds = self.rollout(row, case, chunks)
+            generated, seconds = self.rollout(row, case, chunks, start)
             result = CaseResult(row.name, job.modality, case.case_id, job.kind, chunk_seconds=seconds)
             if job.kind == "accuracy":
                 best, result.distances = nearest(generated, case.truths)
                 result.correct = best == 0
                 model, astra = self.row_model(row)
-                session = self.start_session(case, astra, start=first[0, :, :1])
-                sequences = torch.from_numpy(np.stack([r[1 : 1 + t] for r in case.sequences]))
-                score = probe(model, astra, session, sequences, first[:, :, 1:], case_seed(case.case_id))
+                session = self.start_session(case, astra, start)
+                score = probe(model, astra, session, *first, case_seed(case.case_id))
                 result.probe_direction, result.probe_response = score.direction, score.response
             else:
                 per = 4 * t
