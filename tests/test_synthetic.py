@@ -14,6 +14,7 @@ from astra.data.manifest import ClipRecord, read_manifest
 from astra.data.sources import load_poses
 from astra.data.synthetic import (
     SimState,
+    branched_actions,
     initial_state,
     make_world,
     pose_of,
@@ -222,3 +223,24 @@ def test_actions_per_world_share_the_start_and_differ_after(tmp_path):
         assert np.array_equal(sa[0], sb[0]) and not np.allclose(sa[-1], sb[-1])
     with pytest.raises(ValueError, match="actions_per_world"):
         write_dataset(tmp_path / "bad", 1, "camera", size=(32, 32), num_frames=5, actions_per_world=0)
+
+
+def test_shared_frames_give_a_world_one_history_and_branches_after_it(tmp_path):
+    """--shared-frames P: a world's clips show the same first P + 1 frames (poses and pixels) and
+    differ from the next frame on; sequences of other worlds share nothing."""
+    manifest = write_dataset(
+        tmp_path / "s", 6, "mixed", size=(32, 32), num_frames=13, seed=5, actions_per_world=2, shared_frames=4
+    )
+    records, _ = read_manifest(manifest)
+    for a, b in (records[0:2], records[2:4], records[4:6]):
+        sa, sb = (np.load(tmp_path / "s" / f"{r.clip_id}.poses.npz")["states"] for r in (a, b))
+        assert np.array_equal(sa[:5], sb[:5]), a.modality
+        assert not np.allclose(sa[5], sb[5]), a.modality
+    world = make_world("camera", 0)
+    first = branched_actions(world, 9, seed=1, trunk_seed=7, shared_frames=3)
+    second = branched_actions(world, 9, seed=2, trunk_seed=7, shared_frames=3)
+    assert np.array_equal(first[:3], second[:3]) and not np.allclose(first[3:], second[3:])
+    assert np.array_equal(first[3:], random_actions(world, 9, 1)[3:])  # its own policy after the branch
+    with pytest.raises(ValueError, match="shared_frames"):
+        write_dataset(tmp_path / "bad", 1, "camera", size=(32, 32), num_frames=5, shared_frames=5)
+    assert not (tmp_path / "bad").exists()

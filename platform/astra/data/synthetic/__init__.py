@@ -14,7 +14,7 @@ the state is complete, ``rollout(world, clip.states[k], clip.actions[k:])`` re-r
 """
 
 from astra.data.synthetic.dataset import Clip, encode_mp4, rollout, write_clip, write_dataset
-from astra.data.synthetic.policies import random_actions
+from astra.data.synthetic.policies import branched_actions, random_actions
 from astra.data.synthetic.scene import camera_of, render
 from astra.data.synthetic.sim import SimState, initial_state, pose_of, step
 from astra.data.synthetic.worlds import DEFAULT_DT, World, make_world, prompt_of
@@ -30,6 +30,7 @@ __all__ = [
     "make_world",
     "pose_of",
     "prompt_of",
+    "branched_actions",
     "random_actions",
     "render",
     "rollout",

@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> Path:
         default=1,
         help="clips rendered from each world's start, each under its own actions (default 1)",
     )
+    parser.add_argument(
+        "--shared-frames",
+        type=int,
+        default=0,
+        help="the first N actions are the same for every clip of a world (they branch after frame N; default 0)",
+    )
     args = parser.parse_args(argv)
     try:
         path = write_dataset(
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
             args.fps,
             args.seed,
             args.actions_per_world,
+            args.shared_frames,
         )
     except ValueError as err:
         parser.error(str(err))

@@ -17,7 +17,7 @@ import numpy as np
 
 from astra.data.actions import MODALITY_RAW_DIMS
 from astra.data.manifest import ClipRecord, write_manifest
-from astra.data.synthetic.policies import random_actions
+from astra.data.synthetic.policies import branched_actions
 from astra.data.synthetic.scene import render
 from astra.data.synthetic.sim import SimState, initial_state, pose_of, step
 from astra.data.synthetic.worlds import World, make_world, prompt_of
@@ -85,6 +85,7 @@ def write_dataset(
     fps: float = 16.0,
     seed: int = 0,
     actions_per_world: int = 1,
+    shared_frames: int = 0,
 ) -> Path:
     """Render ``num_clips`` random clips of ``modality`` (or "mixed": camera, driving, robot in
     turn, world by world) into ``out_dir`` with a ``manifest.jsonl``; return the manifest path.
@@ -93,7 +94,15 @@ def write_dataset(
     action sequence: the same first frame with K different futures, the situation of an interactive
     rollout (and of the evaluation's distractors). A model can only tell those futures apart through
     the actions, so such data teaches action-following far more directly than one future per start,
-    which a model can fit from the first frame alone."""
+    which a model can fit from the first frame alone.
+
+    ``shared_frames`` = P > 0: the K clips of a world also share their first P actions (a trunk
+    sequence per world, ``branched_actions``), so they show the same first P + 1 frames and branch
+    after them. Then not only the first frame but a whole moving history has K futures that only
+    the actions tell apart — the situation of every later chunk of a rollout. Measured on the demo
+    camera world (1,600 clips, P = 8: a 3-latent shared history; 3,000 steps): the held-out action
+    probe from such a history reached 66% (chance 25%) against 51% for clips that share only
+    their first frame."""
     if modality != "mixed" and modality not in MODALITY_RAW_DIMS:
         raise ValueError(
             f"modality: expected one of {[*sorted(MODALITY_RAW_DIMS), 'mixed']}, got '{modality}'"
@@ -104,6 +113,8 @@ def write_dataset(
         )
     if actions_per_world < 1:
         raise ValueError(f"actions_per_world: need >= 1, got {actions_per_world}")
+    if not 0 <= shared_frames < num_frames:
+        raise ValueError(f"shared_frames: need 0 <= shared_frames < num_frames ({num_frames}), got {shared_frames}")
     size = (int(size[0]), int(size[1]))
     check_even(*size)
     out_dir = Path(out_dir)
@@ -113,7 +124,8 @@ def write_dataset(
         m = MIXED_ORDER[w % len(MIXED_ORDER)] if modality == "mixed" else modality
         world_seed = _derived_seed(seed, w, 0)
         world = make_world(m, world_seed, dt=1.0 / fps)
-        actions = random_actions(world, num_frames, _derived_seed(seed, i, 1))
+        trunk = _derived_seed(seed, w, 2)
+        actions = branched_actions(world, num_frames, _derived_seed(seed, i, 1), trunk, shared_frames)
         clip = rollout(world, initial_state(world), actions, size)
         records.append(write_clip(clip, world, out_dir, f"{m}-{i:05d}-w{world_seed}", fps))
     return write_manifest(records, out_dir / "manifest.jsonl")

@@ -34,6 +34,23 @@ def random_actions(world: World, num_frames: int, seed: int) -> np.ndarray:
     return np.asarray(actions, dtype=np.float64).reshape(num_frames - 1, MODALITY_RAW_DIMS[world.modality])
 
 
+def branched_actions(
+    world: World, num_frames: int, seed: int, trunk_seed: int, shared_frames: int
+) -> np.ndarray:
+    """``random_actions(world, num_frames, seed)`` whose first ``shared_frames`` rows are replaced by
+    those of the world's *trunk* sequence (``trunk_seed``): every sequence of a world drawn with the
+    same trunk seed shows the same first ``shared_frames + 1`` frames, then branches. Spliced, not
+    re-planned: from the branch point each sequence continues with its own policy's rows (the motion
+    changes at once, as when a player presses another key), so the branches differ from their first
+    frame on."""
+    own = random_actions(world, num_frames, seed)
+    if not 0 <= shared_frames < num_frames:
+        raise ValueError(f"shared_frames: need 0 <= shared_frames < num_frames ({num_frames}), got {shared_frames}")
+    if shared_frames:
+        own[:shared_frames] = random_actions(world, shared_frames + 1, trunk_seed)
+    return own
+
+
 def _rot_x(a: float) -> np.ndarray:
     c, s = np.cos(a), np.sin(a)
     return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
