@@ -27,6 +27,21 @@ def test_cases_are_deterministic_re_renderable_and_distinct():
     assert world_seed(11, "camera", 3) != world_seed(12, "camera", 3) != world_seed(11, "driving", 3)
 
 
+def test_cases_can_start_from_a_shared_ground_truth_history():
+    """history H: every truth shows the same first 1 + 4 (H - 1) frames and rows, then they branch;
+    H = 1 is the plain case, bit for bit."""
+    a = make_case("driving", 1, 11, latents=5, distractors=2, size=(64, 64), fps=16.0, history=3)
+    assert a.history == 3 and a.history_frames == 9 and a.truths[0].shape == (21, 64, 64, 3)
+    for truth, rows in zip(a.truths[1:], a.distractor_rows, strict=True):
+        assert np.array_equal(truth[:9], a.truths[0][:9]) and np.array_equal(rows[:3], a.rows[:3])
+        assert not np.array_equal(truth[9:], a.truths[0][9:]) and not np.array_equal(rows[3:], a.rows[3:])
+    plain = make_case("driving", 1, 11, latents=5, distractors=2, size=(64, 64), fps=16.0)
+    again = make_case("driving", 1, 11, latents=5, distractors=2, size=(64, 64), fps=16.0, history=1)
+    assert plain.history == 1 and all(np.array_equal(x, y) for x, y in zip(plain.truths, again.truths, strict=True))
+    with pytest.raises(ValueError, match="history"):
+        make_case("driving", 1, 11, latents=2, distractors=1, size=(64, 64), fps=16.0, history=3)
+
+
 def test_metrics():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -75,6 +90,29 @@ def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_checkpoi
     probes = {r.row: (r.probe_direction, r.probe_response) for r in acc}
     assert probes["full"][1] > 0 and probes["full"][1] > probes["w/o AFG"][1]  # AFG 3 amplifies the answer
     assert probes["no actions"] == (0.5, 0.0)  # the null action: equal estimates, chance exactly
+
+
+def test_rollouts_from_a_shared_history_continue_it(acting_checkpoint):
+    """history_latents 2: every row starts from the same 2 encoded latents (the same first 5 decoded
+    frames), generates chunks after them and is scored on those; drift chunks too."""
+    config = load_eval_config(
+        None, ["preset=tiny", f"models.model.uri={acting_checkpoint}", "history_latents=2", "drift_chunks=2"]
+    )
+    evaluator = Evaluator(config)
+    acc = evaluator.run(Job("camera", 0, "accuracy"), preview=True)
+    t = evaluator.target_frames(config.rows[0])
+    shown = acc[0].preview[0]
+    assert shown.shape[0] == 5 + 4 * t * config.chunks  # the 5 history frames + the generated chunks
+    full, again = (evaluator.rollout(config.rows[0], make_case("camera", 0, config.seed, 1 + config.chunks * t,
+                                                               config.distractors, (64, 64), 16.0, 2), config.chunks)[0]
+                   for _ in range(2))  # fmt: skip
+    assert np.array_equal(full, shown) and np.array_equal(full, again)
+    no_act = acc[[r.row for r in acc].index("no actions")]
+    assert no_act.probe_direction == 1 / (1 + config.distractors) and no_act.probe_response == 0.0
+    assert all(len(r.distances) == 1 + config.distractors and r.correct in (True, False) for r in acc)
+    assert acc[0].probe_response > 0
+    drift = evaluator.run(Job("camera", 0, "drift"))
+    assert all(len(r.chunk_psnr) == 2 for r in drift)
 
 
 def test_the_action_probe_scores_direction_and_response():

@@ -73,3 +73,23 @@ def test_start_row_is_the_rest_action_as_stored_by_the_encode_job():
         "k", "keyboard", torch.zeros(4, 1, 8, 8), torch.zeros(2, 384), raw_dim=5, seed=0
     )
     assert torch.equal(other.actions, torch.zeros(1, 5))
+
+
+def test_a_session_can_start_from_a_clip_with_its_action_rows(tiny_config, tiny_model):
+    """A start clip of 3 latents with its own action rows: the session keeps them, and the next
+    chunk's packed history carries them; the wrong number of rows is a clear error."""
+    from astra.rollout.engine import session_inputs
+
+    g = torch.Generator().manual_seed(0)
+    latents, prompt = torch.randn(4, 3, 8, 8, generator=g), torch.randn(6, 384, generator=g)
+    rows = torch.randn(3, 7, generator=g)
+    s = RolloutSession.start("c", "driving", latents, prompt, raw_dim=7, seed=1, start_actions=rows)
+    assert torch.equal(s.actions, rows) and s.num_frames == 3
+    rest = RolloutSession.start("c", "driving", latents, prompt, raw_dim=7, seed=1)
+    nxt = torch.randn(2, 7, generator=g)
+    packed, packed_rest = (session_inputs(x, nxt, tiny_config, tiny_model).history[-1] for x in (s, rest))
+    assert torch.equal(packed.latents, packed_rest.latents) and not torch.equal(packed.actions, packed_rest.actions)
+    assert torch.equal(packed.actions[0, -1, :7], rows[-1])  # the newest history latent reads its own row
+    assert generate_chunk(tiny_model, s, nxt, tiny_config)[0].num_frames == 5
+    with pytest.raises(ValueError, match=r"start_actions: expected \(3, 7\) rows"):
+        RolloutSession.start("c", "driving", latents, prompt, raw_dim=7, seed=1, start_actions=rows[:2])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from astra.data.actions import latent_actions
-from astra.data.synthetic import initial_state, make_world, prompt_of, random_actions, rollout
+from astra.data.synthetic import branched_actions, initial_state, make_world, prompt_of, rollout
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,17 @@ class Case:
     rows: np.ndarray  # (1 + L, raw_dim) commanded action rows per latent frame (row 0: rest)
     truths: list[np.ndarray]  # [commanded, distractor 1..K]: (1 + 4L, H, W, 3) uint8 each
     distractor_rows: tuple[np.ndarray, ...] = ()  # [distractor 1..K]: (1 + L, raw_dim) each
+    history: int = 1  # latent frames of ground truth the rollouts start from (shared by every truth)
 
     @property
     def sequences(self) -> list[np.ndarray]:
         """The action rows of every truth, in the order of ``truths``."""
         return [self.rows, *self.distractor_rows]
+
+    @property
+    def history_frames(self) -> int:
+        """Video frames of the shared start: 1 (the start frame) + 4 per further history latent."""
+        return 1 + 4 * (self.history - 1)
 
 
 def world_seed(seed: int, modality: str, index: int) -> int:
@@ -42,16 +48,31 @@ def world_seed(seed: int, modality: str, index: int) -> int:
 
 
 def make_case(
-    modality: str, index: int, seed: int, latents: int, distractors: int, size: tuple[int, int], fps: float
+    modality: str,
+    index: int,
+    seed: int,
+    latents: int,
+    distractors: int,
+    size: tuple[int, int],
+    fps: float,
+    history: int = 1,
 ) -> Case:
-    """Case ``index``: ``latents`` latent frames after the start (4 video frames each)."""
+    """Case ``index``: ``latents`` latent frames after the start (4 video frames each).
+
+    ``history`` = H > 1: the commanded and distractor sequences share their first 4 (H - 1) actions
+    (``branched_actions``), so all truths show the same first ``1 + 4 (H - 1)`` frames — H latents
+    of ground-truth history, moving under known actions — and branch after them; ``latents``
+    counts from the start frame as always (the history's H - 1 latents included)."""
+    if not 1 <= history <= latents:
+        raise ValueError(f"history: need 1 <= history latents <= {latents} (the case's), got {history}")
     wseed = world_seed(seed, modality, index)
     world = make_world(modality, wseed, dt=1.0 / fps)
     start = initial_state(world)
     frames = 1 + 4 * latents
     truths, rows = [], []
     for k in range(distractors + 1):
-        actions = random_actions(world, frames, seed=wseed * 31 + k)
+        # the trunk's seed (wseed * 37) is none of the sequences' (wseed * 31 + k)
+        actions = branched_actions(world, frames, wseed * 31 + k, wseed * 37, 4 * (history - 1))
         clip = rollout(world, start, actions, size)
         truths.append(clip.frames)
         rows.append(latent_actions(modality, clip.poses).astype(np.float32))
@@ -63,6 +84,7 @@ def make_case(
         rows[0],
         truths,
         tuple(rows[1:]),
+        history,
     )
 
 

@@ -64,6 +64,11 @@ class EvalConfig(FrozenModel):
     cases: int = Field(60, ge=1, description="Held-out cases per modality.")
     distractors: int = Field(3, ge=1, description="Other action sequences per case (chance = 1/(K+1)).")
     chunks: int = Field(3, ge=1, description="Chunks rolled out per case for the accuracy.")
+    history_latents: int = Field(
+        1, ge=1, description="Latent frames of ground truth each rollout starts from: 1 = the start frame "
+        "alone (as a served session starts); H > 1 = the first 1 + 4 (H - 1) frames, which the commanded "
+        "and distractor sequences share (they branch after them), so the model continues a motion it sees.",
+    )  # fmt: skip
     drift_cases: int = Field(8, ge=0, description="Cases per modality also rolled out for `drift_chunks`.")
     drift_chunks: int = Field(10, ge=1, description="Chunks of the drift rollouts (PSNR / SSIM per chunk).")
     height: int = Field(64, ge=16, description="Frame height (the size the models were trained at).")

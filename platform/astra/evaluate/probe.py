@@ -58,7 +58,7 @@ def probe(
     truths: torch.Tensor,
     seed: int,
 ) -> ProbeScore:
-    """``session``: the case's start (one latent); ``sequences`` (S, T, raw_dim) the first chunk's
+    """``session``: the case's start (its shared history latents); ``sequences`` (S, T, raw_dim) the first chunk's
     action rows of each sequence; ``truths`` (S, C, T, h, w) their ground-truth latents."""
     actions = [check_actions(a, session, config) for a in sequences]
     inputs = concat_inputs([session_inputs(session, a, config, model) for a in actions])

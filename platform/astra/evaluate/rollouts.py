@@ -1,8 +1,10 @@
 """Rolling a model out on evaluation cases (what each Ray task of the evaluation job runs).
 
-A case is rolled out exactly as a serving session is: the start frame VAE-encoded to one latent,
-the world's prompt embedded, then ``generate_chunk`` per chunk under the commanded latent action
-rows, and every latent decoded in one pass. The session's noise seed is a function of the case
+A case is rolled out exactly as a serving session is: the start frame VAE-encoded to one latent
+(or, with ``history_latents`` H > 1, the shared ground-truth start clip to H latents with their
+action rows), the world's prompt embedded, then ``generate_chunk`` per chunk under the commanded
+latent action rows, and every latent decoded in one pass; scores compare the frames after the
+shared start. The session's noise seed is a function of the case
 alone, so every row of the table sees the same noise (a paired comparison).
 """
 
@@ -87,11 +89,12 @@ class Evaluator:
 
     @torch.no_grad()
     def case_start(self, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the start frame VAE-encoded (C, 1, h, w), the prompt embedded): once per case, shared by
-        every row's rollout and probe."""
+        """(the shared start frames VAE-encoded (C, history, h, w), the prompt embedded): once per
+        case, shared by every row's rollout and probe."""
         from astra.model.vae import frames_to_video
 
-        start = self.vae.encode(frames_to_video(torch.from_numpy(case.truths[0][None, :1])))[0]
+        clip = case.truths[0][None, : case.history_frames]
+        start = self.vae.encode(frames_to_video(torch.from_numpy(clip)))[0]
         return start, self.text.encode([case.prompt])[0]
 
     def start_session(self, case: Case, astra, start: tuple[torch.Tensor, torch.Tensor]):
@@ -100,26 +103,28 @@ class Evaluator:
 
         latent, prompt = start
         raw_dim = astra.model.actions.modality(case.modality).raw_dim
+        rows = torch.from_numpy(case.rows[: case.history])
         return RolloutSession.start(
-            case.case_id, case.modality, latent, prompt, raw_dim, case_seed(case.case_id)
+            case.case_id, case.modality, latent, prompt, raw_dim, case_seed(case.case_id), start_actions=rows
         )
 
     @torch.no_grad()
     def rollout(
         self, row: RowConfig, case: Case, chunks: int, start: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[np.ndarray, float]:
-        """(the generated frames (1 + 4 * chunks * T, H, W, 3) uint8 of ``case`` under ``row``, seconds
-        per chunk of sampling); ``start``: the case's ``case_start`` (computed here when not given)."""
+        """(the generated frames (history frames + 4 * chunks * T, H, W, 3) uint8 of ``case`` under
+        ``row``, seconds per chunk of sampling); ``start``: the case's ``case_start`` (computed here
+        when not given)."""
         from astra.model.vae import video_to_frames
         from astra.rollout import generate_chunk
 
         model, astra = self.row_model(row)
         t = astra.model.framepack.target_frames
         session = self.start_session(case, astra, start or self.case_start(case))
-        rows = torch.from_numpy(case.rows)
+        rows = torch.from_numpy(case.rows[case.history :])
         began = time.perf_counter()
         for k in range(chunks):
-            session, _ = generate_chunk(model, session, rows[1 + k * t : 1 + (k + 1) * t], astra)
+            session, _ = generate_chunk(model, session, rows[k * t : (k + 1) * t], astra)
         seconds = (time.perf_counter() - began) / chunks
         return video_to_frames(self.vae.decode(session.history[None]))[0].numpy(), seconds
 
@@ -129,9 +134,10 @@ class Evaluator:
         the VAE (S, C, t, h, w)): what the probe compares."""
         from astra.model.vae import frames_to_video
 
-        clips = np.stack([truth[: 1 + 4 * t] for truth in case.truths])
-        latents = self.vae.encode(frames_to_video(torch.from_numpy(clips)))[:, :, 1:]
-        return torch.from_numpy(np.stack([r[1 : 1 + t] for r in case.sequences])), latents
+        h = case.history
+        clips = np.stack([truth[: case.history_frames + 4 * t] for truth in case.truths])
+        latents = self.vae.encode(frames_to_video(torch.from_numpy(clips)))[:, :, h:]
+        return torch.from_numpy(np.stack([r[h : h + t] for r in case.sequences])), latents
 
     def run(self, job: Job, preview: bool = False) -> list[CaseResult]:
         """The case under every row (a preview of the first row's rollout when asked)."""
@@ -141,7 +147,12 @@ class Evaluator:
             raise ValueError("models: every evaluated model must generate chunks of the same target_frames")
         chunks = c.chunks if job.kind == "accuracy" else c.drift_chunks
         distractors = c.distractors if job.kind == "accuracy" else 0
-        case = make_case(job.modality, job.index, c.seed, chunks * t, distractors, (c.height, c.width), c.fps)
+        history = c.history_latents
+        case = make_case(
+            job.modality, job.index, c.seed, history - 1 + chunks * t, distractors, (c.height, c.width), c.fps,
+            history,
+        )  # fmt: skip
+        future = slice(case.history_frames, None)  # what the model generated (the start is given)
         truth, recon = case.truths[0], None
         if job.kind == "drift":
             from astra.model.vae import frames_to_video, video_to_frames
@@ -156,16 +167,16 @@ class Evaluator:
             generated, seconds = self.rollout(row, case, chunks, start)
             result = CaseResult(row.name, job.modality, case.case_id, job.kind, chunk_seconds=seconds)
             if job.kind == "accuracy":
-                best, result.distances = nearest(generated, case.truths)
+                best, result.distances = nearest(generated[future], [x[future] for x in case.truths])
                 result.correct = best == 0
                 model, astra = self.row_model(row)
                 session = self.start_session(case, astra, start)
                 score = probe(model, astra, session, *first, case_seed(case.case_id))
                 result.probe_direction, result.probe_response = score.direction, score.response
             else:
-                per = 4 * t
+                per, first = 4 * t, case.history_frames
                 for k in range(chunks):
-                    part = slice(1 + k * per, 1 + (k + 1) * per)
+                    part = slice(first + k * per, first + (k + 1) * per)
                     result.chunk_psnr.append(psnr(generated[part], truth[part]))
                     result.chunk_ssim.append(ssim(generated[part], truth[part]))
                     result.vae_psnr.append(psnr(recon[part], truth[part]))

@@ -43,18 +43,29 @@ class RolloutSession:
         raw_dim: int,
         seed: int,
         null_prompt: torch.Tensor | None = None,
+        start_actions: torch.Tensor | None = None,
     ) -> RolloutSession:
-        """A new session from the start image's latents (C, 1, h, w) (or (C, 0, h, w): no image).
+        """A new session from the start image's latents (C, 1, h, w) (or (C, 0, h, w): no image), or
+        from a start clip's latents (C, F, h, w) with their action rows ``start_actions`` (F, raw_dim).
         The start frame has no predecessor: its action row is the modality's rest action (no motion),
-        as the encode job stores it (zeros for a modality without action maths)."""
+        as the encode job stores it (zeros for a modality without action maths); that is also the
+        default of every row when ``start_actions`` is not given."""
         if start_latents.ndim != 4:
             raise ValueError(f"start_latents: expected (C, F, h, w), got shape {tuple(start_latents.shape)}")
+        frames = start_latents.shape[1]
+        if start_actions is None:
+            start_actions = torch.from_numpy(rest_rows(modality, raw_dim, frames))
+        elif tuple(start_actions.shape) != (frames, raw_dim):
+            raise ValueError(
+                f"start_actions: expected ({frames}, {raw_dim}) rows (one per start latent), "
+                f"got shape {tuple(start_actions.shape)}"
+            )
         generator = torch.Generator().manual_seed(seed)
         return cls(
             session_id=session_id,
             modality=modality,
             history=start_latents.float().contiguous(),
-            actions=torch.from_numpy(rest_rows(modality, raw_dim, start_latents.shape[1])),
+            actions=start_actions.float().contiguous(),
             prompt=prompt.contiguous(),
             seed=seed,
             rng_state=generator.get_state(),
