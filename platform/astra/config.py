@@ -478,6 +478,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "framepack": {"target_frames": 2, "recent_frames": 1, "frames_2x": 2, "frames_4x": 4},
             "context_length": 32,
         },
+        # Uniform loss weights, not the reference's bell: the bell weight is 0 at sigma = 1 and gives the
+        # samples above 0.9 (36% of them at shift 5; the first 4 of the 10 sampling steps lie there,
+        # where the actions decide where things go) 10% of the weight. Measured on the demo camera world
+        # from a shared 3-latent history (1,500 steps): the action probe 68% (chance 25%) vs 34% with the bell.
+        "diffusion": {"loss_weighting": "uniform"},
         "vae": {
             "base_dim": 16,
             "z_dim": 16,

@@ -56,6 +56,7 @@ class Plan:
     ablations: int  # how many of ABLATIONS --weights trains (the reduced mode: one, to try the path)
     job_overrides: tuple[str, ...] = ()  # settings of the training jobs (few clips, CPUs per worker)
     actions_per_world: int = 4  # clips from each world's start, each with its own actions (see data())
+    shared_frames: int = 8  # ... and the first 8 actions too: a 3-latent history, then 4 branches (data())
 
 
 # the VAE's stages (vae presets of astra/train/vae.py) and the weights folder each one leaves; the
@@ -161,7 +162,7 @@ class Demo:
     def data(self) -> Path:
         self.stage(
             f"1. synthetic worlds: {self.plan.clips} clips (camera, driving, robot) with exact actions, "
-            f"{self.plan.actions_per_world} from each world's start"
+            f"{self.plan.actions_per_world} from each world's first {self.plan.shared_frames + 1} frames"
         )
         clips = self.out / "clips"
         if (clips / "manifest.jsonl").is_file() and len(list(clips.glob("*.mp4"))) == self.plan.clips:
@@ -169,7 +170,8 @@ class Demo:
         else:
             self.run(self.py, "-m", "astra.data.synthetic", "--out", str(clips), "--num-clips", str(self.plan.clips),
                      "--modality", "mixed", "--size", "64x64", "--frames", "33", "--seed", "7",
-                     "--actions-per-world", str(self.plan.actions_per_world))  # fmt: skip
+                     "--actions-per-world", str(self.plan.actions_per_world),
+                     "--shared-frames", str(self.plan.shared_frames))  # fmt: skip
         return clips / "manifest.jsonl"
 
     def vae(self, manifest: Path) -> Path:

@@ -115,7 +115,9 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-EVAL_PRESETS["demo"] = {"astra": PRESETS["demo"]}
+# the demo: rollouts continue a 3-latent ground-truth start (9 frames) that all 4 sequences share, as
+# the demo's training clips do (``--shared-frames 8``)
+EVAL_PRESETS["demo"] = {"astra": PRESETS["demo"], "history_latents": 3}
 
 
 def load_eval_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:

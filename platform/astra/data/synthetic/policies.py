@@ -115,8 +115,8 @@ def _driving(world: World, n: int, rng: np.random.Generator) -> list[np.ndarray]
     target_y, speed, steer = spec.ego_y, spec.ego_speed, 0.0
     weave, bonus, hold, out = 0.0, 0.0, 0, []
     for _ in range(n):
-        if hold <= 0:  # persistent random intentions: drift within the lane, press on a little
-            weave, bonus, hold = rng.uniform(-0.5, 0.5), rng.uniform(-1.5, 2.0), int(rng.integers(10, 30))
+        if hold <= 0:  # persistent random intentions: weave across the lane, speed up or slow down
+            weave, bonus, hold = rng.uniform(-1.2, 1.2), rng.uniform(-3.0, 3.0), int(rng.integers(6, 16))
         hold -= 1
         x, y, qw, qz = state.pose[0], state.pose[1], state.pose[3], state.pose[6]
         yaw = 2 * np.arctan2(qz, qw)
@@ -127,7 +127,7 @@ def _driving(world: World, n: int, rng: np.random.Generator) -> list[np.ndarray]
             ahead = rel[np.abs(cars[:, 1] - lane_y) < 1.0]
             return float(ahead.min()) if len(ahead) else np.inf
 
-        if len(lanes) > 1 and rng.random() < 0.02 and abs(y - target_y) < 0.5:
+        if len(lanes) > 1 and rng.random() < 0.05 and abs(y - target_y) < 0.5:
             other = lanes[1] if target_y == lanes[0] else lanes[0]
             behind = rel[np.abs(cars[:, 1] - other) < 1.0]
             if gap(other) > 30 and not ((behind > spec.period - 15).any()):
@@ -139,7 +139,7 @@ def _driving(world: World, n: int, rng: np.random.Generator) -> list[np.ndarray]
         speed = max(3.0, speed + np.clip(want - speed, -4.0 * dt, 2.5 * dt))  # keep moving: frames differ
         # lane keeping, linearised: e'' = -(v^2 k1 / L) e - (v k2 / L) e', so these gains give a
         # well damped lateral response with natural frequency omega at any speed
-        omega, zeta = 1.2, 0.9
+        omega, zeta = 2.0, 0.9
         k1, k2 = omega**2 * WHEELBASE / speed**2, 2 * zeta * omega * WHEELBASE / speed
         err = y - (target_y + weave)
         steer += (np.clip(-k1 * err - k2 * np.sin(yaw), -0.3, 0.3) - steer) * 0.5  # eased: no wheel snaps
@@ -156,7 +156,7 @@ def _driving(world: World, n: int, rng: np.random.Generator) -> list[np.ndarray]
 def _robot(world: World, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     spec, dt = world.spec, world.dt
     state = initial_state(world)
-    vmax, amax, vmin = rng.uniform(0.2, 0.3), 0.8, 0.04  # m/s, m/s^2
+    vmax, amax, vmin = rng.uniform(0.3, 0.45), 1.2, 0.04  # m/s, m/s^2
     vel, out = np.zeros(3), []
     order = list(rng.permutation(len(spec.cube_half)))
     plan: list[tuple[np.ndarray, float, float]] = []  # waypoints: (grasp point, yaw, gripper)
