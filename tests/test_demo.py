@@ -89,7 +89,7 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     # the evaluation report: a table row per ablation line, every modality, with case counts
     report = (out / "eval" / "report.md").read_text()
     for row in ("| full |", "| w/o AFG |", "| no actions |", "| Euler 12 steps |", "| UniPC 4 steps |",
-                "| w/o noise-as-mask |"):  # fmt: skip
+                "| with noise-as-mask (p = 0.8) |"):  # fmt: skip
         assert row in report and "(n=2)" in report.split(row, 1)[1].split("\n", 1)[0], row
     # the fast sampler's cost and benefit: accuracy and seconds per chunk beside the many-step reference's
     fast, reference = (report.split(row, 1)[1].split("\n", 1)[0].split("|") for row in ("| UniPC 4 steps |",

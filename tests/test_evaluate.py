@@ -37,7 +37,9 @@ def test_cases_can_start_from_a_shared_ground_truth_history():
         assert not np.array_equal(truth[9:], a.truths[0][9:]) and not np.array_equal(rows[3:], a.rows[3:])
     plain = make_case("driving", 1, 11, latents=5, distractors=2, size=(64, 64), fps=16.0)
     again = make_case("driving", 1, 11, latents=5, distractors=2, size=(64, 64), fps=16.0, history=1)
-    assert plain.history == 1 and all(np.array_equal(x, y) for x, y in zip(plain.truths, again.truths, strict=True))
+    assert plain.history == 1 and all(
+        np.array_equal(x, y) for x, y in zip(plain.truths, again.truths, strict=True)
+    )
     with pytest.raises(ValueError, match="history"):
         make_case("driving", 1, 11, latents=2, distractors=1, size=(64, 64), fps=16.0, history=3)
 

@@ -88,7 +88,9 @@ def test_a_session_can_start_from_a_clip_with_its_action_rows(tiny_config, tiny_
     rest = RolloutSession.start("c", "driving", latents, prompt, raw_dim=7, seed=1)
     nxt = torch.randn(2, 7, generator=g)
     packed, packed_rest = (session_inputs(x, nxt, tiny_config, tiny_model).history[-1] for x in (s, rest))
-    assert torch.equal(packed.latents, packed_rest.latents) and not torch.equal(packed.actions, packed_rest.actions)
+    assert torch.equal(packed.latents, packed_rest.latents) and not torch.equal(
+        packed.actions, packed_rest.actions
+    )
     assert torch.equal(packed.actions[0, -1, :7], rows[-1])  # the newest history latent reads its own row
     assert generate_chunk(tiny_model, s, nxt, tiny_config)[0].num_frames == 5
     with pytest.raises(ValueError, match=r"start_actions: expected \(3, 7\) rows"):

@@ -45,7 +45,9 @@ def branched_actions(
     frame on."""
     own = random_actions(world, num_frames, seed)
     if not 0 <= shared_frames < num_frames:
-        raise ValueError(f"shared_frames: need 0 <= shared_frames < num_frames ({num_frames}), got {shared_frames}")
+        raise ValueError(
+            f"shared_frames: need 0 <= shared_frames < num_frames ({num_frames}), got {shared_frames}"
+        )
     if shared_frames:
         own[:shared_frames] = random_actions(world, shared_frames + 1, trunk_seed)
     return own
