@@ -88,6 +88,7 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
 
     # the evaluation report: a table row per ablation line, every modality, with case counts
     report = (out / "eval" / "report.md").read_text()
+    assert "from the same ground-truth start (9 frames, 3 latents" in report  # the demo's history_latents 3
     for row in ("| full |", "| w/o AFG |", "| no actions |", "| Euler 12 steps |", "| UniPC 4 steps |",
                 "| with noise-as-mask (p = 0.8) |"):  # fmt: skip
         assert row in report and "(n=2)" in report.split(row, 1)[1].split("\n", 1)[0], row

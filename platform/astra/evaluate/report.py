@@ -123,13 +123,19 @@ def write_report(config: EvalConfig, results: list[CaseResult], out: Path, model
     previews = _previews(results, out)
     mods = list(config.modalities)
     chance = 1 / (config.distractors + 1)
+    h = config.history_latents
+    start = (
+        "the same start frame"
+        if h == 1
+        else f"the same ground-truth start ({1 + 4 * (h - 1)} frames, {h} latents, shared by every sequence)"
+    )
     lines = [
         "# Evaluation report",
         "",
         f"Held-out synthetic worlds (seed {config.seed}, never in training): {config.cases} cases per modality, "
-        f"{config.chunks} chunk(s) each, {config.distractors} distractor action sequence(s) from the same start "
-        f"(chance = {chance:.0%}). A rollout counts as following its actions when its frames are nearer (pixel "
-        "MSE) to the re-rendered ground truth of its commanded actions than to every distractor's.",
+        f"{config.chunks} chunk(s) each, {config.distractors} distractor action sequence(s) from {start} "
+        f"(chance = {chance:.0%}). A rollout counts as following its actions when its frames after the start are "
+        "nearer (pixel MSE) to the re-rendered ground truth of its commanded actions than to every distractor's.",
         "",
         "Models: " + ", ".join(f"`{k}` = {v}" for k, v in models.items()),
         "",
