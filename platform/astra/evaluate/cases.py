@@ -37,8 +37,12 @@ class Case:
 
     @property
     def history_frames(self) -> int:
-        """Video frames of the shared start: 1 (the start frame) + 4 per further history latent."""
-        return 1 + 4 * (self.history - 1)
+        return history_frames(self.history)
+
+
+def history_frames(history: int) -> int:
+    """Video frames of a shared start of ``history`` latents: the start frame + 4 per further latent."""
+    return 1 + 4 * (history - 1)
 
 
 def world_seed(seed: int, modality: str, index: int) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from astra.config import derive
+from astra.evaluate.cases import history_frames
 from astra.evaluate.config import EvalConfig
 from astra.evaluate.rollouts import CaseResult
 
@@ -127,7 +128,7 @@ def write_report(config: EvalConfig, results: list[CaseResult], out: Path, model
     start = (
         "the same start frame"
         if h == 1
-        else f"the same ground-truth start ({1 + 4 * (h - 1)} frames, {h} latents, shared by every sequence)"
+        else f"the same ground-truth start ({history_frames(h)} frames, {h} latents, shared by every sequence)"
     )
     lines = [
         "# Evaluation report",

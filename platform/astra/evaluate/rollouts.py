@@ -174,9 +174,9 @@ class Evaluator:
                 score = probe(model, astra, session, *first, case_seed(case.case_id))
                 result.probe_direction, result.probe_response = score.direction, score.response
             else:
-                per, first = 4 * t, case.history_frames
+                per = 4 * t
                 for k in range(chunks):
-                    part = slice(first + k * per, first + (k + 1) * per)
+                    part = slice(future.start + k * per, future.start + (k + 1) * per)
                     result.chunk_psnr.append(psnr(generated[part], truth[part]))
                     result.chunk_ssim.append(ssim(generated[part], truth[part]))
                     result.vae_psnr.append(psnr(recon[part], truth[part]))

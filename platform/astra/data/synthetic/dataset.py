@@ -113,10 +113,6 @@ def write_dataset(
         )
     if actions_per_world < 1:
         raise ValueError(f"actions_per_world: need >= 1, got {actions_per_world}")
-    if not 0 <= shared_frames < num_frames:
-        raise ValueError(
-            f"shared_frames: need 0 <= shared_frames < num_frames ({num_frames}), got {shared_frames}"
-        )
     size = (int(size[0]), int(size[1]))
     check_even(*size)
     out_dir = Path(out_dir)

@@ -43,11 +43,11 @@ def branched_actions(
     re-planned: from the branch point each sequence continues with its own policy's rows (the motion
     changes at once, as when a player presses another key), so the branches differ from their first
     frame on."""
-    own = random_actions(world, num_frames, seed)
     if not 0 <= shared_frames < num_frames:
         raise ValueError(
             f"shared_frames: need 0 <= shared_frames < num_frames ({num_frames}), got {shared_frames}"
         )
+    own = random_actions(world, num_frames, seed)
     if shared_frames:
         own[:shared_frames] = random_actions(world, shared_frames + 1, trunk_seed)
     return own
