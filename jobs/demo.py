@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     vae = demo.vae(manifest)
     store = demo.encode(manifest, vae)
     wan = demo.pretrain(store, vae)
-    adapter, registered = demo.finetune(store, vae, wan)
-    ablations = demo.ablations(store, vae, wan)
+    adapter, registered, ablations = demo.finetune(store, vae, wan)
     report = demo.evaluate(store, vae, wan, adapter, ablations)
     if args.weights:
         install_weights(out, Path(args.weights_dir).resolve())

@@ -80,6 +80,8 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     for stage in ("1b. train the VAE", "2. encode", "2b. pre-train", "3. fine-tune", "4. evaluate", "5. serve",
                   "6. a scripted rollout"):  # fmt: skip
         assert stage in log, stage
+    if (os.cpu_count() or 1) >= 2:  # the full model's and the ablation's fine-tunings side by side
+        assert "2 fine-tunings, 2 at a time (1 CPU(s) each)" in log and "  [1] " in log
 
     # the rollout came over HTTP as an MP4: 1 start frame + 2 chunks x 2 latents x 4 frames
     with av.open(str(out / "rollout.mp4")) as container:

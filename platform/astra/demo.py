@@ -18,7 +18,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,19 +114,49 @@ class Demo:
 
     def run(self, *args: str) -> str:
         """Run a command of the platform, showing its output as it goes; its output, or exit on failure."""
-        if args[1].startswith("jobs/"):  # the shared local Ray's workers import this checkout already
-            args = (*args, "ray.ship_library=false")
-        print("$ " + " ".join(args), flush=True)
-        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)  # fmt: skip
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "Token authentication" not in line:
-                print("  " + line, end="", flush=True)
-        if proc.wait() != 0:
-            sys.exit(f"demo: `{' '.join(args[:3])} ...` failed (exit {proc.returncode}); its output is above")
-        return "".join(lines)
+        return self.run_all([args])[0]
+
+    def run_all(self, commands: list[tuple[str, ...]], lanes: int = 1) -> list[str]:
+        """Run commands of the platform, ``lanes`` at a time, showing their output as it goes (each line
+        tagged ``[k]``, its command's place in ``commands``, when there are several); their outputs, or
+        exit once they have stopped if one failed (what the others finished is kept for the next run).
+        Ctrl-C stops the ones running."""
+        commands = [  # the shared local Ray's workers import this checkout already
+            (*args, "ray.ship_library=false") if args[1].startswith("jobs/") else args for args in commands
+        ]
+        tags = [f"[{k}] " if len(commands) > 1 else "" for k in range(len(commands))]
+        procs: list[subprocess.Popen] = []
+        stopping = threading.Event()
+
+        def one(k: int) -> tuple[int, str]:
+            if stopping.is_set():
+                return -1, ""
+            print(f"$ {tags[k]}" + " ".join(commands[k]), flush=True)
+            proc = subprocess.Popen(commands[k], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+            procs.append(proc)
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "Token authentication" not in line:
+                    print(f"  {tags[k]}{line}", end="", flush=True)
+            return proc.wait(), "".join(lines)
+
+        pool = ThreadPoolExecutor(max_workers=max(1, lanes))
+        try:
+            results = list(pool.map(one, range(len(commands))))
+        except BaseException:  # Ctrl-C / kill: stop what runs, start nothing more
+            stopping.set()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for args, (code, _) in zip(commands, results, strict=True):
+            if code != 0:
+                sys.exit(f"demo: `{' '.join(args[:3])} ...` failed (exit {code}); its output is above")
+        return [text for _, text in results]
 
     def download(self, text: str, kind: str, tracking: str, into: Path) -> Path:
         """The ``runs:/<id>/export/<kind>`` folder a job printed, downloaded into ``into``."""
@@ -225,50 +257,52 @@ class Demo:
             text, "wan", self.tracking(storage, "demo-pretrain"), self.out / "weights" / "wan"
         )
 
-    def ablations(self, store: Path, vae: Path, wan: Path) -> dict[str, Path]:
-        """The ablation models, name -> adapter folder: trained here (same data, steps and start as the
-        full model, one change each) from scratch, else the committed ones (``ablations.json``)."""
-        if not self.from_scratch:
-            index = WEIGHTS / "ablations.json"
-            named = json.loads(index.read_text()) if index.is_file() else {}
-            return {entry["name"]: WEIGHTS / folder for folder, entry in named.items()}
-        out = {}
-        for i, (name, overrides) in enumerate(list(ABLATIONS.items())[: self.plan.ablations]):
-            self.stage(f"3b. ablation '{name}': fine-tune with {' '.join(overrides)}")
-            if (done := self.finished(f"ablation-{i}", "astra_config.json")) is not None:
-                out[name] = done
-                continue
-            storage, run = self.out / "train", f"demo-ablation-{i}"
-            text = self.run(self.py, "jobs/train.py", "preset=demo", "init.kind=wan", f"init.path={wan}",
-                            f"data.store.uri={store}", f"storage_path={storage}", f"run_name={run}",
-                            f"astra.vae.pretrained_path={vae}", f"max_steps={self.plan.finetune_steps}",
-                            "tracking.register_as=null", *self.train_overrides(), *overrides)  # fmt: skip
-            out[name] = self.download(
-                text, "adapter", self.tracking(storage, run), self.out / "weights" / f"ablation-{i}"
-            )
-        return out
-
-    def finetune(self, store: Path, vae: Path, wan: Path) -> tuple[Path, str]:
-        """(the exported adapter folder, its registered version models:/astra-demo/N; with --weights, the
-        folder twice when an earlier run here finished it)."""
+    def finetune(self, store: Path, vae: Path, wan: Path) -> tuple[Path, str, dict[str, Path]]:
+        """The full model and the ablations: (the exported adapter folder, its registered version
+        models:/astra-demo/N, ablation name -> adapter folder). From scratch the ablations are trained
+        here (same data, steps and start as the full model, one change each), else the committed ones
+        (``ablations.json``) are used. What still needs training runs in parallel, one lane per CPU at
+        most (on 2 cores two 1-CPU fine-tunings take 37 min where one 2-CPU one takes 35: the tiny model
+        leaves a second thread mostly idle); an earlier run's finished weights in this folder are kept
+        (with --weights the full model's folder then stands for its version: that run's registry may be
+        gone)."""
+        p = self.plan
         start = "from the Wan backbone" if self.from_scratch else f"continuing {WEIGHTS / 'astra'}"
-        self.stage(f"3. fine-tune Astra on the store ({self.plan.finetune_steps} steps, {start})")
-        if self.from_scratch and (done := self.finished("astra", "astra_config.json")) is not None:
-            return done, str(done)  # served from the folder: the registry of that earlier run may be gone
-        storage = self.out / "train"
-        init = ["init.kind=wan", f"init.path={wan}"]
-        if not self.from_scratch:
-            init = ["init.kind=astra", f"init.path={WEIGHTS / 'astra'}", f"init.base={wan}"]
-        text = self.run(self.py, "jobs/train.py", "preset=demo", *init, f"data.store.uri={store}",
-                        f"storage_path={storage}", "run_name=demo-finetune", f"astra.vae.pretrained_path={vae}",
-                        f"max_steps={self.plan.finetune_steps}", "tracking.register_as=astra-demo", *self.train_overrides())  # fmt: skip
-        registered = re.findall(r"adapter: (models:/astra-demo/\d+)", text)
-        if not registered:
-            sys.exit("demo: the fine-tuning job registered no model version")
-        folder = self.download(
-            text, "adapter", self.tracking(storage, "demo-finetune"), self.out / "weights" / "astra"
-        )
-        return folder, registered[-1]
+        trained = list(ABLATIONS.items())[: p.ablations] if self.from_scratch else []
+        also = f" and {len(trained)} ablation(s) (one change each)" if trained else ""
+        self.stage(f"3. fine-tune Astra on the store ({p.finetune_steps} steps, {start}){also}")
+        scratch = ["init.kind=wan", f"init.path={wan}"]
+        jobs = []  # (weights folder, run name, its own settings)
+        adapter = self.finished("astra", "astra_config.json") if self.from_scratch else None
+        if adapter is None:
+            init = scratch if self.from_scratch else ["init.kind=astra", f"init.path={WEIGHTS / 'astra'}", f"init.base={wan}"]  # fmt: skip
+            jobs.append(("astra", "demo-finetune", [*init, "tracking.register_as=astra-demo"]))
+        for i, (name, overrides) in enumerate(trained):
+            print(f"  ablation {i} '{name}': {' '.join(overrides)}")
+            if self.finished(f"ablation-{i}", "astra_config.json") is None:
+                jobs.append((f"ablation-{i}", f"demo-ablation-{i}", [*scratch, "tracking.register_as=null", *overrides]))  # fmt: skip
+        cpus = os.cpu_count() or 1
+        lanes = max(1, min(len(jobs), cpus))
+        common = [self.py, "jobs/train.py", "preset=demo", f"data.store.uri={store}", f"storage_path={self.out / 'train'}",
+                  f"astra.vae.pretrained_path={vae}", f"max_steps={p.finetune_steps}", *self.train_overrides(),
+                  f"parallel.cpus_per_worker={max(1, cpus // lanes)}"]  # fmt: skip
+        if len(jobs) > 1:
+            print(f"  {len(jobs)} fine-tunings, {lanes} at a time ({max(1, cpus // lanes)} CPU(s) each)")
+        texts = self.run_all([(*common, f"run_name={run}", *extra) for _, run, extra in jobs], lanes)
+        registered = str(adapter)
+        for (folder, run, _), text in zip(jobs, texts, strict=True):
+            got = self.download(text, "adapter", self.tracking(self.out / "train", run), self.out / "weights" / folder)  # fmt: skip
+            if folder == "astra":
+                adapter, found = got, re.findall(r"adapter: (models:/astra-demo/\d+)", text)
+                if not found:
+                    sys.exit("demo: the fine-tuning job registered no model version")
+                registered = found[-1]
+        if self.from_scratch:
+            done = {name: self.out / "weights" / f"ablation-{i}" for i, (name, _) in enumerate(trained)}
+            return adapter, registered, done
+        index = WEIGHTS / "ablations.json"
+        named = json.loads(index.read_text()) if index.is_file() else {}
+        return adapter, registered, {entry["name"]: WEIGHTS / folder for folder, entry in named.items()}
 
     def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path, ablations: dict[str, Path]) -> Path:
         p = self.plan
