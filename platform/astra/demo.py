@@ -66,7 +66,7 @@ class Plan:
 # the VAE's stages (vae presets of astra/train/vae.py) and the weights folder each one leaves; the
 # last stage's is the VAE the later stages use
 VAE_STAGES = (("demo", "vae-short"), ("demo-long", "vae-17"), ("demo-whole", "vae-33"), ("demo-still", "vae"))
-CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core of this box
+CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core (fine-tunings: see finetune)
 # (the full demo continues the committed adapter: a gentle learning rate, a short warm-up)
 FULL = Plan(clips=240, vae_steps=(0, 0, 0, 0), pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
             drift_chunks=10, rollout_chunks=6, reference_steps=50, ablations=0,
@@ -116,46 +116,59 @@ class Demo:
         """Run a command of the platform, showing its output as it goes; its output, or exit on failure."""
         return self.run_all([args])[0]
 
-    def run_all(self, commands: list[tuple[str, ...]], lanes: int = 1) -> list[str]:
+    def run_all(
+        self, commands: list[tuple[str, ...]], lanes: int = 1, names: list[str] | None = None
+    ) -> list[str]:
         """Run commands of the platform, ``lanes`` at a time, showing their output as it goes (each line
-        tagged ``[k]``, its command's place in ``commands``, when there are several); their outputs, or
-        exit once they have stopped if one failed (what the others finished is kept for the next run).
-        Ctrl-C stops the ones running."""
+        tagged ``[name]`` when there are several); their outputs, or exit naming the ones that failed
+        (once the running ones stop; none starts after a failure, and what the others finished stays in
+        their MLflow runs). Ctrl-C stops the ones running."""
         commands = [  # the shared local Ray's workers import this checkout already
             (*args, "ray.ship_library=false") if args[1].startswith("jobs/") else args for args in commands
         ]
-        tags = [f"[{k}] " if len(commands) > 1 else "" for k in range(len(commands))]
+        names = names or [str(k) for k in range(len(commands))]
+        tags = [f"[{name}] " if len(commands) > 1 else "" for name in names]
         procs: list[subprocess.Popen] = []
-        stopping = threading.Event()
+        lock, stopping = threading.Lock(), threading.Event()
 
-        def one(k: int) -> tuple[int, str]:
-            if stopping.is_set():
-                return -1, ""
-            print(f"$ {tags[k]}" + " ".join(commands[k]), flush=True)
-            proc = subprocess.Popen(commands[k], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
-            procs.append(proc)
+        def one(k: int) -> tuple[int | None, str]:
+            with lock:  # nothing starts once stopping is set
+                if stopping.is_set():
+                    return None, ""
+                print(f"$ {tags[k]}" + " ".join(commands[k]) + "\n", end="", flush=True)
+                proc = subprocess.Popen(commands[k], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+                procs.append(proc)
             lines = []
             for line in proc.stdout:
                 lines.append(line)
                 if "Token authentication" not in line:
                     print(f"  {tags[k]}{line}", end="", flush=True)
-            return proc.wait(), "".join(lines)
+            if proc.wait() != 0:
+                stopping.set()
+            return proc.returncode, "".join(lines)
 
         pool = ThreadPoolExecutor(max_workers=max(1, lanes))
         try:
             results = list(pool.map(one, range(len(commands))))
         except BaseException:  # Ctrl-C / kill: stop what runs, start nothing more
-            stopping.set()
+            with lock:
+                stopping.set()
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.terminate()
             for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        for args, (code, _) in zip(commands, results, strict=True):
-            if code != 0:
-                sys.exit(f"demo: `{' '.join(args[:3])} ...` failed (exit {code}); its output is above")
+        failed = [f"{tags[k]}`{' '.join(commands[k][:3])} ...` (exit {code})"
+                  for k, (code, _) in enumerate(results) if code != 0]  # fmt: skip
+        if failed:
+            sys.exit(f"demo: {', '.join(failed)} failed (None: not started); the output is above")
         return [text for _, text in results]
 
     def download(self, text: str, kind: str, tracking: str, into: Path) -> Path:
@@ -283,13 +296,15 @@ class Demo:
                 jobs.append((f"ablation-{i}", f"demo-ablation-{i}", [*scratch, "tracking.register_as=null", *overrides]))  # fmt: skip
         cpus = os.cpu_count() or 1
         lanes = max(1, min(len(jobs), cpus))
+        own = [o for o in self.train_overrides() if not o.startswith("parallel.cpus_per_worker=")]
         common = [self.py, "jobs/train.py", "preset=demo", f"data.store.uri={store}", f"storage_path={self.out / 'train'}",
-                  f"astra.vae.pretrained_path={vae}", f"max_steps={p.finetune_steps}", *self.train_overrides(),
+                  f"astra.vae.pretrained_path={vae}", f"max_steps={p.finetune_steps}", *own,
                   f"parallel.cpus_per_worker={max(1, cpus // lanes)}"]  # fmt: skip
         if len(jobs) > 1:
             print(f"  {len(jobs)} fine-tunings, {lanes} at a time ({max(1, cpus // lanes)} CPU(s) each)")
-        texts = self.run_all([(*common, f"run_name={run}", *extra) for _, run, extra in jobs], lanes)
-        registered = str(adapter)
+        commands = [(*common, f"run_name={run}", *extra) for _, run, extra in jobs]
+        texts = self.run_all(commands, lanes, [run for _, run, _ in jobs])
+        registered = str(adapter)  # a finished folder stands for its version (only with --weights)
         for (folder, run, _), text in zip(jobs, texts, strict=True):
             got = self.download(text, "adapter", self.tracking(self.out / "train", run), self.out / "weights" / folder)  # fmt: skip
             if folder == "astra":
