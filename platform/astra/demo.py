@@ -166,9 +166,11 @@ class Demo:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         failed = [f"{tags[k]}`{' '.join(commands[k][:3])} ...` (exit {code})"
-                  for k, (code, _) in enumerate(results) if code != 0]  # fmt: skip
+                  for k, (code, _) in enumerate(results) if code]  # fmt: skip
         if failed:
-            sys.exit(f"demo: {', '.join(failed)} failed (None: not started); the output is above")
+            skipped = [names[k] for k, (code, _) in enumerate(results) if code is None]
+            sys.exit(f"demo: {', '.join(failed)} failed; its output is above"
+                     + (f" (not started: {', '.join(skipped)})" if skipped else ""))  # fmt: skip
         return [text for _, text in results]
 
     def download(self, text: str, kind: str, tracking: str, into: Path) -> Path:
