@@ -56,7 +56,7 @@ class Plan:
     drift_cases: int
     drift_chunks: int
     rollout_chunks: int
-    reference_steps: int  # the many-step Euler row of the evaluation (the model's default is 10)
+    reference_steps: int  # the many-step Euler row of the evaluation (the model's default is 10; 0: none)
     ablations: int  # how many of ABLATIONS --weights trains (the reduced mode: one, to try the path)
     job_overrides: tuple[str, ...] = ()  # settings of the training jobs (few clips, CPUs per worker)
     actions_per_world: int = 4  # clips from each world's start, each with its own actions (see data())
@@ -69,7 +69,7 @@ VAE_STAGES = (("demo", "vae-short"), ("demo-long", "vae-17"), ("demo-whole", "va
 CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core (fine-tunings: see finetune)
 # (the full demo continues the committed adapter: a gentle learning rate, a short warm-up)
 FULL = Plan(clips=240, vae_steps=(0, 0, 0, 0), pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
-            drift_chunks=10, rollout_chunks=6, reference_steps=50, ablations=0,
+            drift_chunks=10, rollout_chunks=6, reference_steps=0, ablations=0,
             job_overrides=(CPUS, "optim.lr=1e-4", "optim.warmup_steps=5"))  # fmt: skip
 FAST = Plan(clips=12, vae_steps=(4, 0, 0, 0), pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, reference_steps=12, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
@@ -275,8 +275,8 @@ class Demo:
     def finetune(self, store: Path, vae: Path, wan: Path) -> tuple[Path, str, dict[str, Path]]:
         """The full model and the ablations: (the exported adapter folder, its registered version
         models:/astra-demo/N, ablation name -> adapter folder). From scratch the ablations are trained
-        here (same data, steps and start as the full model, one change each), else the committed ones
-        (``ablations.json``) are used. What still needs training runs in parallel, one lane per CPU at
+        here (same data, steps and start as the full model, one change each); else none (the committed
+        ones come with their evaluation, ``models/demo/report``). What still needs training runs in parallel, one lane per CPU at
         most: on 2 cores two 1-CPU fine-tunings of 10,000 steps took 36 min where one 2-CPU one took 35
         (the tiny model leaves a second thread mostly idle). An earlier run's finished weights in this
         folder are kept (with --weights the full model's folder then stands for its version: that run's
@@ -314,12 +314,8 @@ class Demo:
                 if not found:
                     sys.exit("demo: the fine-tuning job registered no model version")
                 registered = found[-1]
-        if self.from_scratch:
-            done = {name: self.out / "weights" / f"ablation-{i}" for i, (name, _) in enumerate(trained)}
-            return adapter, registered, done
-        index = WEIGHTS / "ablations.json"
-        named = json.loads(index.read_text()) if index.is_file() else {}
-        return adapter, registered, {entry["name"]: WEIGHTS / folder for folder, entry in named.items()}
+        done = {name: self.out / "weights" / f"ablation-{i}" for i, (name, _) in enumerate(trained)}
+        return adapter, registered, done
 
     def evaluate(self, store: Path, vae: Path, wan: Path, adapter: Path, ablations: dict[str, Path]) -> Path:
         p = self.plan
@@ -329,10 +325,15 @@ class Demo:
         )
         report = self.out / "eval"
         rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
-                {"name": "no actions", "model": "model", "action_guidance": 0.0},
-                # few-step sampling against the many-step reference (the model's default is Euler 10)
-                {"name": f"Euler {p.reference_steps} steps", "model": "model", "num_steps": p.reference_steps},
-                {"name": "UniPC 4 steps", "model": "model", "solver": "unipc", "num_steps": 4}]  # fmt: skip
+                {"name": "no actions", "model": "model", "action_guidance": 0.0}]  # fmt: skip
+        if p.reference_steps:  # few-step sampling against the many-step reference (the default is Euler 10)
+            rows.append(
+                {"name": f"Euler {p.reference_steps} steps", "model": "model", "num_steps": p.reference_steps}
+            )
+        rows.append({"name": "UniPC 4 steps", "model": "model", "solver": "unipc", "num_steps": 4})
+        if not ablations:
+            print(f"  (the ablations and the many-step reference: {_shown(WEIGHTS / 'report' / 'report.md')}, "
+                  "the evaluation of the committed weights)")  # fmt: skip
         extra = []
         for i, (name, folder) in enumerate(ablations.items()):
             rows.append({"name": name, "model": f"ablation{i}"})
