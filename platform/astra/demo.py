@@ -66,11 +66,12 @@ class Plan:
 # the VAE's stages (vae presets of astra/train/vae.py) and the weights folder each one leaves; the
 # last stage's is the VAE the later stages use
 VAE_STAGES = (("demo", "vae-short"), ("demo-long", "vae-17"), ("demo-whole", "vae-33"), ("demo-still", "vae"))
-CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # one worker using every core (fine-tunings: see finetune)
-# (the full demo continues the committed adapter: a gentle learning rate, a short warm-up)
+CPUS = f"parallel.cpus_per_worker={os.cpu_count() or 1}"  # the VAE and pre-training jobs: every core
+# (the full demo continues the committed adapter: a gentle learning rate, a short warm-up; its one
+# fine-tuning gets every core from finetune's lanes)
 FULL = Plan(clips=240, vae_steps=(0, 0, 0, 0), pretrain_steps=0, finetune_steps=60, cases=20, drift_cases=4,
             drift_chunks=10, rollout_chunks=6, reference_steps=0, ablations=0,
-            job_overrides=(CPUS, "optim.lr=1e-4", "optim.warmup_steps=5"))  # fmt: skip
+            job_overrides=("optim.lr=1e-4", "optim.warmup_steps=5"))  # fmt: skip
 FAST = Plan(clips=12, vae_steps=(4, 0, 0, 0), pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, reference_steps=12, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
@@ -276,9 +277,10 @@ class Demo:
         """The full model and the ablations: (the exported adapter folder, its registered version
         models:/astra-demo/N, ablation name -> adapter folder). From scratch the ablations are trained
         here (same data, steps and start as the full model, one change each); else none (the committed
-        ones come with their evaluation, ``models/demo/report``). What still needs training runs in parallel, one lane per CPU at
-        most: on 2 cores two 1-CPU fine-tunings of 10,000 steps took 36 min where one 2-CPU one took 35
-        (the tiny model leaves a second thread mostly idle). An earlier run's finished weights in this
+        ones come with their evaluation, ``models/demo/report``). What still needs training runs in
+        parallel, one lane per CPU at most (``parallel.cpus_per_worker`` = CPUs / lanes, replacing the
+        plan's): on 2 cores two 1-CPU fine-tunings of 10,000 steps took 36 min where one 2-CPU one took
+        35 (the tiny model leaves a second thread mostly idle). An earlier run's finished weights in this
         folder are kept (with --weights the full model's folder then stands for its version: that run's
         registry may be gone)."""
         p = self.plan
