@@ -1,7 +1,7 @@
 """The demo world end to end on one CPU box (``make demo``): data -> encode -> fine-tune -> evaluate
 -> serve -> a scripted HTTP rollout -> the web player.
 
-    python jobs/demo.py                 # the demo (about 15 minutes on 2 cores); Ctrl-C stops it
+    python jobs/demo.py                 # the demo (about 9 minutes on 2 cores); Ctrl-C stops it
     DEMO_FAST=1 python jobs/demo.py     # a reduced run (tests): a few clips, steps and cases
     python jobs/demo.py --weights       # reproduce the committed weights in models/demo from scratch
 
