@@ -98,7 +98,7 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     # the fast sampler's cost and benefit: accuracy and seconds per chunk beside the many-step reference's
     fast, reference = (report.split(row, 1)[1].split("\n", 1)[0].split("|") for row in ("| UniPC 4 steps |",
                                                                                       "| Euler 12 steps |"))  # fmt: skip
-    assert fast[0].strip() == "unipc 4, AFG 3" and reference[0].strip() == "euler 12, AFG 3"
+    assert fast[0].strip() == "unipc 4, AFG 5" and reference[0].strip() == "euler 12, AFG 5"  # demo preset
     assert float(fast[-2]) > 0 and float(reference[-2]) > 0  # s/chunk measured (compared in the report)
     assert (out / "eval" / "accuracy.png").stat().st_size > 1000
     # the action probe: every row and modality; the null action scores exactly chance with response 0

@@ -459,7 +459,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The demo world (`make demo`): 64x64 video, a VAE trained on the synthetic worlds (16 latent
     # channels, 4x spatial: a 16x16 latent, 64 tokens a frame), a ~1M-parameter backbone; the same
-    # layout as tiny, 10 sampling steps with AFG 3. Measured before choosing 4x: an 8x VAE this small
+    # layout as tiny, 10 sampling steps with AFG 5 (below). Measured before choosing 4x: an 8x VAE this small
     # (an 8x8 latent) reconstructed the worlds as coloured blobs (no pillar, cube or car visible), and
     # no model trained on its latents followed actions.
     "demo": {
@@ -494,7 +494,12 @@ PRESETS: dict[str, dict[str, Any]] = {
             "temporal_downsample": (True, True),
             "num_res_blocks": 1,
         },
-        "sampler": {"num_steps": 10},
+        # AFG 5, not 3: chosen on *validation* worlds (seed 2000003: neither a training nor the report's
+        # test seed), 20 cases per modality, the adapter of 2026-12-06: rollout accuracy robot / camera /
+        # driving 25 / 35 / 35% at AFG 3, 40 / 35 / 45% at AFG 5, 40 / 35 / 45% at 8, 35 / 35 / 45% at 12;
+        # the action probe's response (how far the actions move the first estimate, as a fraction of how
+        # far they move the truth) at AFG 5: 0.72 / 1.21 / 0.76 (AFG 3: 0.43 / 0.73 / 0.46).
+        "sampler": {"num_steps": 10, "action_guidance": 5.0},
     },
 }
 
