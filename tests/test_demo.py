@@ -169,3 +169,28 @@ def test_committed_demo_weights_load_and_generate():
         assert read_model_config(WEIGHTS / folder) == expected, entry["name"]
         load_astra(WEIGHTS / folder, base=WEIGHTS / "wan")
     assert (WEIGHTS / "report" / "report.md").is_file() and (WEIGHTS / "report" / "accuracy.png").is_file()
+
+
+def test_install_weights_names_no_machine_path_given_relative_folders(tmp_path, monkeypatch):
+    """`install_weights(Path("runs/x"), Path("models/demo"))` (relative, as one types it) copies the
+    weights and writes a report that names the models by their installed folders, not by the machine
+    path of the run (it once rewrote them to '<cwd>/demo/astra')."""
+    from astra.demo import install_weights
+
+    out = tmp_path / "run"
+    for name in ("vae", "wan", "astra", "ablation-0"):
+        (out / "weights" / name).mkdir(parents=True)
+        (out / "weights" / name / "w.safetensors").write_bytes(b"w")
+    (out / "eval").mkdir()
+    (out / "eval" / "report.md").write_text(
+        f"Models: `model` = {out / 'weights' / 'astra'}; {out / 'eval'}\n"
+    )
+    (out / "eval" / "accuracy.png").write_bytes(b"png")
+    monkeypatch.chdir(tmp_path)
+    install_weights(Path("run"), Path("installed"))
+    installed = tmp_path / "installed"
+    report = (installed / "report" / "report.md").read_text()
+    assert str(tmp_path) not in report and "`model` = installed/astra;" in report, report
+    assert (installed / "ablation-0" / "w.safetensors").read_bytes() == b"w"
+    assert (installed / "report" / "accuracy.png").is_file()
+    assert json.loads((installed / "ablations.json").read_text())["ablation-0"]["overrides"]

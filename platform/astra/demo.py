@@ -389,6 +389,7 @@ def install_weights(out: Path, into: Path) -> None:
     """Copy what ``--weights`` trained into ``into`` (models/demo: the committed weights), with the
     evaluation report of those very weights (report/: report.md + its plots) and ``ablations.json``
     (which folder is which ablation, and its training settings)."""
+    out, into = out.resolve(), into.resolve()  # the report names them relative to the checkout
     ablations = sorted((out / "weights").glob("ablation-*"))
     names = ["vae", "wan", "astra", *(p.name for p in ablations)]
     for name in names:
