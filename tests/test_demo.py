@@ -194,3 +194,22 @@ def test_install_weights_names_no_machine_path_given_relative_folders(tmp_path, 
     assert (installed / "ablation-0" / "w.safetensors").read_bytes() == b"w"
     assert (installed / "report" / "accuracy.png").is_file()
     assert json.loads((installed / "ablations.json").read_text())["ablation-0"]["overrides"]
+    # a run that lacks a folder installs nothing (it once deleted models/demo/vae, then failed)
+    (out / "eval" / "report.md").unlink()
+    with pytest.raises(FileNotFoundError, match=r"eval/report\.md; nothing was installed"):
+        install_weights(Path("run"), Path("installed"))
+    assert (installed / "vae" / "w.safetensors").is_file()
+
+
+def test_weights_run_reuses_a_finished_vae_without_its_earlier_stages(tmp_path):
+    """`jobs/demo.py --weights --out D` with D/weights/vae (the last VAE stage's weights, e.g. the committed
+    models/demo/vae copied there) takes that VAE as it is: the earlier stages, whose only use is to start
+    the last one, are not trained (the documented way to retrain the adapter on a committed VAE)."""
+    from astra.demo import WEIGHTS_PLAN, Demo
+
+    vae = tmp_path / "weights" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text("{}")
+    demo = Demo(tmp_path, WEIGHTS_PLAN, from_scratch=True)
+    assert demo.vae(tmp_path / "no-manifest.jsonl") == vae  # no job ran: the manifest does not even exist
+    assert not (tmp_path / "vae").exists()  # no VAE training run's storage

@@ -231,6 +231,8 @@ class Demo:
         if not self.from_scratch or "vae" in self.committed:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"
+        if (done := self.finished("vae")) is not None:  # the last stage's: the earlier ones are not needed
+            return done
         stages = [
             (preset, name, n) for (preset, name), n in zip(VAE_STAGES, self.plan.vae_steps, strict=True) if n
         ]
@@ -392,6 +394,10 @@ def install_weights(out: Path, into: Path) -> None:
     out, into = out.resolve(), into.resolve()  # the report names them relative to the checkout
     ablations = sorted((out / "weights").glob("ablation-*"))
     names = ["vae", "wan", "astra", *(p.name for p in ablations)]
+    needed = [out / "weights" / n for n in names] + [out / "eval" / "report.md"]
+    missing = [str(path.relative_to(out)) for path in needed if not path.exists()]
+    if missing:  # checked before anything in `into` is replaced
+        raise FileNotFoundError(f"{out}: no {', '.join(missing)}; nothing was installed into {into}")
     for name in names:
         target = into / name
         if target.exists():
