@@ -63,6 +63,34 @@ def test_metrics():
     assert best == 1 and dists[1] == min(dists)
 
 
+def test_the_report_compares_each_row_with_the_no_action_baseline_case_by_case(tmp_path):
+    """The paired section: wins / losses on the same cases and the exact one-sided McNemar p (checked
+    against the binomial tail written out), for every row but the baseline, in report.md."""
+    from math import comb
+
+    from astra.evaluate.report import paired, write_report
+    from astra.evaluate.rollouts import CaseResult
+
+    def results(row, right):  # 20 camera cases, `right`: the indices rolled out right
+        return [
+            CaseResult(row, "camera", f"camera-{i:04d}", "accuracy", correct=i in right) for i in range(20)
+        ]
+
+    full, base = set(range(9)) | {15}, {0, 1, 15, 16, 17}  # full wins 7 (2..8), loses 2 (16, 17)
+    rs = results("full", full) + results("w/o AFG", base) + results("no actions", base)
+    got = paired(rs, "full", "no actions")["camera"]
+    tail = sum(comb(9, k) for k in range(7, 10)) / 2**9  # P(X >= 7), X ~ Binomial(9, 1/2)
+    assert (got.only_row, got.only_baseline, got.cases) == (7, 2, 20) and got.p_value == pytest.approx(tail)
+    same = paired(rs, "w/o AFG", "no actions")["camera"]
+    assert (same.only_row, same.only_baseline, same.p_value) == (0, 0, 1.0)
+    config = load_eval_config(None, ["preset=tiny", "modalities=[camera]"])
+    write_report(config, rs, tmp_path, {"model": "m"})
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## Against the no-action baseline, case by case ('no actions')", 1)[1]
+    assert f"| full | 7 / 2, p = {tail:.2g} |" in section and "| w/o AFG | 0 / 0, p = 1 |" in section
+    assert "| no actions |" not in section.split("\n## ", 1)[0]
+
+
 def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_checkpoint):
     config = load_eval_config(
         None, ["preset=tiny", f"models.model.uri={acting_checkpoint}", "drift_chunks=2"]

@@ -52,6 +52,57 @@ def summarise(results: list[CaseResult]) -> Summary:
     )
 
 
+@dataclass(frozen=True)
+class Paired:
+    """One row against the no-action baseline on the same cases of one modality."""
+
+    only_row: int  # cases the row gets right and the baseline wrong
+    only_baseline: int  # the reverse
+    cases: int
+    p_value: float  # one-sided exact McNemar test: P(only_row this large | the row is no better)
+
+
+def paired(results: list[CaseResult], row: str, baseline: str) -> dict[str, Paired]:
+    """Per modality, ``row`` against ``baseline`` case by case (the accuracy cases both rolled out):
+    the exact McNemar test, i.e. a binomial test on the discordant cases (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
+    correct: dict[tuple[str, str, str], bool] = {
+        (r.row, r.modality, r.case_id): bool(r.correct) for r in results if r.kind == "accuracy"
+    }
+    out: dict[str, Paired] = {}
+    for m in sorted({mod for (_, mod, _) in correct}):
+        cases = [c for (r, mod, c) in correct if r == row and mod == m and (baseline, m, c) in correct]
+        a = sum(correct[(row, m, c)] and not correct[(baseline, m, c)] for c in cases)
+        b = sum(correct[(baseline, m, c)] and not correct[(row, m, c)] for c in cases)
+        p = binomtest(a, a + b, 0.5, alternative="greater").pvalue if a + b else 1.0
+        out[m] = Paired(a, b, len(cases), float(p))
+    return out
+
+
+def _paired_section(config: EvalConfig, results: list[CaseResult]) -> list[str]:
+    """The report's lines comparing every row with the no-action row (AFG 0) case by case; none
+    without such a row."""
+    base = next((r for r in config.rows if r.action_guidance == 0), None)
+    if base is None or not any(r.kind == "accuracy" for r in results):
+        return []
+    mods = list(config.modalities)
+    lines = ["", f"## Against the no-action baseline, case by case ('{base.name}')", "",
+             f"Each row against '{base.name}' on the same cases: cases right only with the row's actions / "
+             f"right only without them, and the one-sided exact McNemar p-value (a binomial test on those "
+             f"cases: how likely so many wins if the actions did not help). Judging {len(mods)} modalities "
+             f"at once, compare p with 0.05 / {len(mods)} (Bonferroni).", "",
+             "| row | " + " | ".join(f"{m}: wins / losses, p" for m in mods) + " |",
+             "|---|" + "---|" * len(mods)]  # fmt: skip
+    for row in config.rows:
+        if row.name != base.name:
+            pairs = paired(results, row.name, base.name)
+            cells = [f"{q.only_row} / {q.only_baseline}, p = {q.p_value:.2g}" if (q := pairs.get(m)) else "-"
+                     for m in mods]  # fmt: skip
+            lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _plots(config: EvalConfig, s: Summary, out: Path) -> list[str]:
     import matplotlib
 
@@ -151,6 +202,7 @@ def write_report(config: EvalConfig, results: list[CaseResult], out: Path, model
         mean = np.mean([v[0] for v in vals if v is not None]) if any(vals) else float("nan")
         lines.append(f"| {row.name} | {_sampler(config, row)} | " + " | ".join(cells)
                      + f" | {mean:.1%} | {s.seconds.get(row.name, float('nan')):.3f} |")  # fmt: skip
+    lines += _paired_section(config, results)
     if s.probe:
         lines += ["", "## Action probe: the first chunk's estimate from pure noise (sigma = 1)", "",
                   "Per case, the model's x0 estimate at the first sampling step for each of the case's action "
