@@ -495,10 +495,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_res_blocks": 1,
         },
         # AFG 5, not 3: chosen on *validation* worlds (seed 2000003: neither a training nor the report's
-        # test seed), 20 cases per modality, the adapter of 2026-12-06: rollout accuracy robot / camera /
-        # driving 25 / 35 / 35% at AFG 3, 40 / 35 / 45% at AFG 5, 40 / 35 / 45% at 8, 35 / 35 / 45% at 12;
-        # the action probe's response (how far the actions move the first estimate, as a fraction of how
-        # far they move the truth) at AFG 5: 0.72 / 1.21 / 0.76 (AFG 3: 0.43 / 0.73 / 0.46).
+        # test seed), 20 cases per modality, the adapter fine-tuned on the chunky-gripper worlds
+        # (models/demo/astra): rollout accuracy camera / driving / robot 35 / 35 / 25% at AFG 3, 35 / 45 /
+        # 40% at AFG 5, 35 / 45 / 40% at 8, 35 / 45 / 35% at 12; the action probe's response (how far the
+        # actions move the first estimate, as a fraction of how far they move the truth) at AFG 5: 1.21 /
+        # 0.76 / 0.72 (AFG 3: 0.73 / 0.46 / 0.43). More AFG, more drift (models/demo/README.md).
         "sampler": {"num_steps": 10, "action_guidance": 5.0},
     },
 }
