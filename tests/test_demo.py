@@ -135,6 +135,32 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
             assert _shapes(weights / name / file) == _shapes(WEIGHTS / name / file), name
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.skipif(not (WEIGHTS / "astra").is_dir(), reason="no demo weights committed yet (models/demo)")
+def test_demo_continues_the_committed_weights(tmp_path):
+    """What `make demo` runs on a fresh clone (`jobs/demo.py`, reduced): it starts from the committed VAE,
+    backbone and adapter — no VAE training, no pre-training — fine-tunes, evaluates against the no-action
+    baseline, serves and writes the rollout video over HTTP."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "jobs/demo.py", "--out", str(out), "--port", str(free_port()), "--no-wait"],
+        cwd=ROOT, env=dict(os.environ, DEMO_FAST="1"), capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert f"the VAE: {WEIGHTS / 'vae'}" in log and f"the backbone: {WEIGHTS / 'wan'}" in log
+    assert "1b. train the VAE" not in log and "2b. pre-train" not in log and "no adapter" not in log
+    assert "init.kind=astra" in log and f"init.path={WEIGHTS / 'astra'}" in log  # continues the adapter
+    with av.open(str(out / "rollout.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 17
+    report = (out / "eval" / "report.md").read_text()
+    assert "| full |" in report and "(n=2)" in report.split("| full |", 1)[1].split("\n", 1)[0]
+    paired = report.split("## Against the no-action baseline, case by case ('no actions')", 1)[1]
+    assert "| full | " in paired.split("\n## ", 1)[0]
+    assert "stopped: Serve and the local Ray are shut down" in log
+
+
 @pytest.mark.skipif(not (WEIGHTS / "astra").is_dir(), reason="no demo weights committed yet (models/demo)")
 def test_committed_demo_weights_load_and_generate():
     """models/demo holds a VAE, a Wan backbone and an Astra adapter that load as the jobs load them
