@@ -182,6 +182,7 @@ class Demo:
         if not found:
             sys.exit(f"demo: the job printed no runs:/.../export/{kind}")
         mlflow.set_tracking_uri(tracking)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as for the jobs (self.env)
         if into.exists():
             shutil.rmtree(into)
         into.parent.mkdir(parents=True, exist_ok=True)
