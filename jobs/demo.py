@@ -43,7 +43,6 @@ class ServedDemo(Demo):
         from serving.app import build
         from serving.client import wait_ready
 
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith("MLFLOW_")})
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         tracking = self.tracking(self.out / "train", "demo-finetune")
         args = {"preset": "demo", "model.uri": registered, "model.tracking_uri": tracking, "model.base": str(wan),

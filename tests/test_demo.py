@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,9 @@ def test_install_weights_names_no_machine_path_given_relative_folders(tmp_path, 
     for name in ("vae", "wan", "astra", "ablation-0"):
         (out / "weights" / name).mkdir(parents=True)
         (out / "weights" / name / "w.safetensors").write_bytes(b"w")
+        (
+            out / "weights" / name / ("config.json" if name in ("vae", "wan") else "astra_config.json")
+        ).write_text("{}")
     (out / "eval").mkdir()
     (out / "eval" / "report.md").write_text(
         f"Models: `model` = {out / 'weights' / 'astra'}; {out / 'eval'}\n"
@@ -221,10 +225,11 @@ def test_install_weights_names_no_machine_path_given_relative_folders(tmp_path, 
     assert (installed / "report" / "accuracy.png").is_file()
     assert json.loads((installed / "ablations.json").read_text())["ablation-0"]["overrides"]
     # a run that lacks a folder installs nothing (it once deleted models/demo/vae, then failed)
-    (out / "eval" / "report.md").unlink()
-    with pytest.raises(FileNotFoundError, match=r"eval/report\.md; nothing was installed"):
+    (installed / "vae" / "kept").write_text("the installed VAE")
+    shutil.rmtree(out / "weights" / "vae")
+    with pytest.raises(FileNotFoundError, match=r"weights/vae/config\.json; nothing was installed"):
         install_weights(Path("run"), Path("installed"))
-    assert (installed / "vae" / "w.safetensors").is_file()
+    assert (installed / "vae" / "kept").read_text() == "the installed VAE"
 
 
 def test_weights_run_reuses_a_finished_vae_without_its_earlier_stages(tmp_path):

@@ -89,6 +89,8 @@ def test_the_report_compares_each_row_with_the_no_action_baseline_case_by_case(t
     section = report.split("## Against the no-action baseline, case by case ('no actions')", 1)[1]
     assert f"| full | 7 / 2, p = {tail:.2g} |" in section and "| w/o AFG | 0 / 0, p = 1 |" in section
     assert "| no actions |" not in section.split("\n## ", 1)[0]
+    assert "| Euler 50 steps | - |" in section  # a row without cases: no tie invented
+    assert "camera" not in paired(rs, "Euler 50 steps", "no actions")
 
 
 def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_checkpoint):

@@ -103,7 +103,7 @@ class Demo:
         the dashboard: Ray Train's controller queries the state API."""
         import ray
 
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith(("RAY_", "HF_"))})
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith(("RAY_", "HF_", "MLFLOW_"))})
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=True, log_to_driver=False,
                  logging_level="WARNING")  # fmt: skip
         self.env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -182,7 +182,6 @@ class Demo:
         if not found:
             sys.exit(f"demo: the job printed no runs:/.../export/{kind}")
         mlflow.set_tracking_uri(tracking)
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as for the jobs (self.env)
         if into.exists():
             shutil.rmtree(into)
         into.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +232,7 @@ class Demo:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"
         if (done := self.finished("vae")) is not None:  # the last stage's: the earlier ones are not needed
+            print(f"  the VAE: {done}")
             return done
         stages = [
             (preset, name, n) for (preset, name), n in zip(VAE_STAGES, self.plan.vae_steps, strict=True) if n
@@ -395,10 +395,16 @@ def install_weights(out: Path, into: Path) -> None:
     out, into = out.resolve(), into.resolve()  # the report names them relative to the checkout
     ablations = sorted((out / "weights").glob("ablation-*"))
     names = ["vae", "wan", "astra", *(p.name for p in ablations)]
-    needed = [out / "weights" / n for n in names] + [out / "eval" / "report.md"]
-    missing = [str(path.relative_to(out)) for path in needed if not path.exists()]
+    markers = {"vae": "config.json", "wan": "config.json"}  # the others are Astra checkpoints
+    needed = [out / "weights" / n / markers.get(n, "astra_config.json") for n in names] + [
+        out / "eval" / "report.md"
+    ]
+    missing = [str(path.relative_to(out)) for path in needed if not path.is_file()]
     if missing:  # checked before anything in `into` is replaced
-        raise FileNotFoundError(f"{out}: no {', '.join(missing)}; nothing was installed into {into}")
+        raise FileNotFoundError(
+            f"{out}: no {', '.join(missing)}; nothing was installed into {into}. Run `python jobs/demo.py "
+            f"--weights --out {out}` to its end (it installs them itself), or put finished weights there."
+        )
     for name in names:
         target = into / name
         if target.exists():

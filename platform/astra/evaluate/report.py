@@ -1,4 +1,5 @@
-"""The evaluation report: tables (Markdown), plots (PNG, matplotlib's Agg backend) and results.json."""
+"""The evaluation report: tables (Markdown) — with each row's paired test against the no-action
+baseline — plots (PNG, matplotlib's Agg backend) and results.json."""
 
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def paired(results: list[CaseResult], row: str, baseline: str) -> dict[str, Pair
     out: dict[str, Paired] = {}
     for m in sorted({mod for (_, mod, _) in correct}):
         cases = [c for (r, mod, c) in correct if r == row and mod == m and (baseline, m, c) in correct]
+        if not cases:  # the row or the baseline has no cases here: shown as "-", not as a tie
+            continue
         a = sum(correct[(row, m, c)] and not correct[(baseline, m, c)] for c in cases)
         b = sum(correct[(baseline, m, c)] and not correct[(row, m, c)] for c in cases)
         p = binomtest(a, a + b, 0.5, alternative="greater").pvalue if a + b else 1.0
@@ -91,7 +94,8 @@ def _paired_section(config: EvalConfig, results: list[CaseResult]) -> list[str]:
              f"Each row against '{base.name}' on the same cases: cases right only with the row's actions / "
              f"right only without them, and the one-sided exact McNemar p-value (a binomial test on those "
              f"cases: how likely so many wins if the actions did not help). Judging {len(mods)} modalities "
-             f"at once, compare p with 0.05 / {len(mods)} (Bonferroni).", "",
+             f"at once, compare p with 0.05 / {len(mods)} (Bonferroni). Rows of other weights (ablations) "
+             f"face the same baseline: their gap includes their weights' difference.", "",
              "| row | " + " | ".join(f"{m}: wins / losses, p" for m in mods) + " |",
              "|---|" + "---|" * len(mods)]  # fmt: skip
     for row in config.rows:
