@@ -194,11 +194,11 @@ class Demo:
         """``job_overrides`` for the training job, whose validation setting lives under ``data``."""
         return [("data." + o) if o.startswith("val_clips") else o for o in self.plan.job_overrides]
 
-    def finished(self, name: str, marker: str = "config.json") -> Path | None:
+    def finished(self, name: str) -> Path | None:
         """The weights a previous run of this demo folder already trained and downloaded (a stage that
         takes most of an hour is not redone when a later one failed); delete the folder to retrain."""
         folder = self.out / "weights" / name
-        if (folder / marker).is_file():
+        if (folder / _marker(name)).is_file():
             print(f"  {folder} already holds them (from an earlier run here; delete it to retrain)")
             return folder
         return None
@@ -232,7 +232,6 @@ class Demo:
             print(f"  the VAE: {WEIGHTS / 'vae'} (trained on these worlds; --weights retrains it)")
             return WEIGHTS / "vae"
         if (done := self.finished("vae")) is not None:  # the last stage's: the earlier ones are not needed
-            print(f"  the VAE: {done}")
             return done
         stages = [
             (preset, name, n) for (preset, name), n in zip(VAE_STAGES, self.plan.vae_steps, strict=True) if n
@@ -293,13 +292,13 @@ class Demo:
         self.stage(f"3. fine-tune Astra on the store ({p.finetune_steps} steps, {start}){also}")
         scratch = ["init.kind=wan", f"init.path={wan}"]
         jobs = []  # (weights folder, run name, its own settings)
-        adapter = self.finished("astra", "astra_config.json") if self.from_scratch else None
+        adapter = self.finished("astra") if self.from_scratch else None
         if adapter is None:
             init = scratch if self.from_scratch else ["init.kind=astra", f"init.path={WEIGHTS / 'astra'}", f"init.base={wan}"]  # fmt: skip
             jobs.append(("astra", "demo-finetune", [*init, "tracking.register_as=astra-demo"]))
         for i, (name, overrides) in enumerate(trained):
             print(f"  ablation {i} '{name}': {' '.join(overrides)}")
-            if self.finished(f"ablation-{i}", "astra_config.json") is None:
+            if self.finished(f"ablation-{i}") is None:
                 jobs.append((f"ablation-{i}", f"demo-ablation-{i}", [*scratch, "tracking.register_as=null", *overrides]))  # fmt: skip
         cpus = os.cpu_count() or 1
         lanes = max(1, min(len(jobs), cpus))
@@ -383,6 +382,12 @@ class Demo:
         return path
 
 
+def _marker(name: str) -> str:
+    """The file that shows the weights folder ``name`` is complete: an Astra checkpoint's config for
+    the adapter and the ablations, diffusers' for the VAE (and its stages) and the backbone."""
+    return "astra_config.json" if name == "astra" or name.startswith("ablation-") else "config.json"
+
+
 def _shown(path: Path) -> str:
     """A folder as committed files may name it: relative to the checkout, else by its name alone."""
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
@@ -395,10 +400,7 @@ def install_weights(out: Path, into: Path) -> None:
     out, into = out.resolve(), into.resolve()  # the report names them relative to the checkout
     ablations = sorted((out / "weights").glob("ablation-*"))
     names = ["vae", "wan", "astra", *(p.name for p in ablations)]
-    markers = {"vae": "config.json", "wan": "config.json"}  # the others are Astra checkpoints
-    needed = [out / "weights" / n / markers.get(n, "astra_config.json") for n in names] + [
-        out / "eval" / "report.md"
-    ]
+    needed = [out / "weights" / n / _marker(n) for n in names] + [out / "eval" / "report.md"]
     missing = [str(path.relative_to(out)) for path in needed if not path.is_file()]
     if missing:  # checked before anything in `into` is replaced
         raise FileNotFoundError(
