@@ -224,6 +224,10 @@ def test_install_weights_names_no_machine_path_given_relative_folders(tmp_path, 
     assert (installed / "ablation-0" / "w.safetensors").read_bytes() == b"w"
     assert (installed / "report" / "accuracy.png").is_file()
     assert json.loads((installed / "ablations.json").read_text())["ablation-0"]["overrides"]
+    # a run with fewer ablations than the installed weights leaves no folder that its ablations.json omits
+    (installed / "ablation-1").mkdir()
+    install_weights(Path("run"), Path("installed"))
+    assert sorted(p.name for p in installed.glob("ablation-*")) == ["ablation-0"]
     # a run that lacks a folder installs nothing (it once deleted models/demo/vae, then failed)
     (installed / "vae" / "kept").write_text("the installed VAE")
     shutil.rmtree(out / "weights" / "vae")

@@ -407,11 +407,14 @@ def install_weights(out: Path, into: Path) -> None:
             f"{out}: no {', '.join(missing)}; nothing was installed into {into}. Run `python jobs/demo.py "
             f"--weights --out {out}` to its end (it installs them itself), or put finished weights there."
         )
-    for name in names:
-        target = into / name
+    # an ablation folder of an earlier install that this run did not train would sit beside the new
+    # ones, absent from ablations.json and report.md: it goes, like every folder being replaced
+    stale = [p for p in into.glob("ablation-*") if p.name not in names]
+    for target in [into / name for name in names] + stale:
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(out / "weights" / name, target)
+    for name in names:
+        shutil.copytree(out / "weights" / name, into / name)
     trained = list(ABLATIONS.items())  # ablation-<i> is the i-th
     index = {p.name: dict(zip(("name", "overrides"), trained[int(p.name.split("-")[1])], strict=True))
              for p in ablations}  # fmt: skip
