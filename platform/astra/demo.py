@@ -75,7 +75,7 @@ FULL = Plan(clips=240, vae_steps=(0, 0, 0, 0), pretrain_steps=0, finetune_steps=
 FAST = Plan(clips=12, vae_steps=(4, 0, 0, 0), pretrain_steps=4, finetune_steps=4, cases=2, drift_cases=1,
             drift_chunks=2, rollout_chunks=2, reference_steps=12, ablations=1, job_overrides=("batch_size=2", "val_clips=2"))  # fmt: skip
 # the committed weights: what `python jobs/demo.py --weights` trains (see models/demo/README.md)
-WEIGHTS_PLAN = Plan(clips=1600, vae_steps=(3000, 600, 400, 150), pretrain_steps=2000, finetune_steps=10000, cases=60,
+WEIGHTS_PLAN = Plan(clips=1600, vae_steps=(3000, 600, 400, 150), pretrain_steps=2000, finetune_steps=10000, cases=120,
                     drift_cases=8, drift_chunks=10, rollout_chunks=6, reference_steps=50,
                     ablations=len(ABLATIONS),
                     job_overrides=(CPUS,))  # fmt: skip

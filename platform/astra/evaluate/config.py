@@ -74,8 +74,11 @@ class EvalConfig(FrozenModel):
     height: int = Field(64, ge=16, description="Frame height (the size the models were trained at).")
     width: int = Field(64, ge=16, description="Frame width.")
     fps: float = Field(16.0, gt=0, description="Frame rate of the worlds (their dt).")
+    # 3,000,003 since 2026-12-06: the earlier test seed (1,000,003) had been looked at by a sampler sweep
+    # (models/demo/README.md), so the report of record moved to worlds nothing was chosen on; the
+    # sampler's validation worlds are 2,000,003
     seed: int = Field(
-        1_000_003, description="Seed of the held-out worlds and actions; must differ from every training "
+        3_000_003, description="Seed of the held-out worlds and actions; must differ from every training "
         "set's seed (checked against `train_store` when given).",
     )  # fmt: skip
     train_store: StorageConfig | None = Field(

@@ -124,27 +124,30 @@ def _plots(config: EvalConfig, s: Summary, out: Path) -> list[str]:
     ax.set_xticks(np.arange(len(mods)) + width * (len(rows) - 1) / 2, mods)
     ax.set_ylim(0, 1)
     ax.set_ylabel("action-following accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars: never over them
+    fig.savefig(out / "accuracy.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     names.append("accuracy.png")
-    if s.psnr:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for m in mods:
-            for row in rows[:1] + [r for r in rows[1:] if (r, m) in s.psnr][:2]:
-                if (row, m) not in s.psnr:
-                    continue
+    if s.psnr:  # a colour per modality, a line style per row (the same in both panels), the legend beside
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        styles = ["-", "--", "-."]
+        for c, m in enumerate(mods):
+            colour = f"C{c}"
+            shown = [r for r in rows[:1] + [r for r in rows[1:] if (r, m) in s.psnr][:2] if (r, m) in s.psnr]
+            for row, ls in zip(shown, styles, strict=False):
                 x = np.arange(1, len(s.psnr[(row, m)]) + 1)
-                axes[0].plot(x, s.psnr[(row, m)], marker="o", label=f"{m} {row}")
-                axes[1].plot(x, s.ssim[(row, m)], marker="o", label=f"{m} {row}")
+                axes[0].plot(x, s.psnr[(row, m)], color=colour, ls=ls, marker="o", ms=3, label=f"{m} {row}")
+                axes[1].plot(x, s.ssim[(row, m)], color=colour, ls=ls, marker="o", ms=3)
             if m in s.vae_psnr:
-                axes[0].plot(np.arange(1, len(s.vae_psnr[m]) + 1), s.vae_psnr[m], ls=":", label=f"{m} VAE")
+                x = np.arange(1, len(s.vae_psnr[m]) + 1)
+                axes[0].plot(x, s.vae_psnr[m], color=colour, ls=":", label=f"{m} VAE round trip")
         axes[0].set(xlabel="chunk", ylabel="PSNR (dB)")
         axes[1].set(xlabel="chunk", ylabel="SSIM")
-        axes[0].legend(fontsize=6)
+        axes[1].legend(
+            *axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1)
+        )
         fig.tight_layout()
-        fig.savefig(out / "drift.png", dpi=120)
+        fig.savefig(out / "drift.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         names.append("drift.png")
     return names
