@@ -248,3 +248,21 @@ def test_weights_run_reuses_a_finished_vae_without_its_earlier_stages(tmp_path):
     demo = Demo(tmp_path, WEIGHTS_PLAN, from_scratch=True)
     assert demo.vae(tmp_path / "no-manifest.jsonl") == vae  # no job ran: the manifest does not even exist
     assert not (tmp_path / "vae").exists()  # no VAE training run's storage
+
+
+@pytest.mark.skipif(not (WEIGHTS / "astra").is_dir(), reason="no demo weights committed yet (models/demo)")
+def test_the_committed_report_is_what_its_committed_config_evaluates():
+    """models/demo/eval.yaml, the documented command behind report/report.md, names the committed
+    folders, and the report shows its seed, case count, models and rows in order (a report re-run
+    with other settings, or a config edited without re-running, fails here)."""
+    from astra.evaluate.config import load_eval_config
+
+    config = load_eval_config(str(WEIGHTS / "eval.yaml"))
+    report = (WEIGHTS / "report" / "report.md").read_text()
+    assert f"(seed {config.seed}, never in training): {config.cases} cases per modality" in report
+    for name, source in config.models.items():
+        assert f"`{name}` = {source.uri}" in report, name
+        assert (ROOT / source.uri / "astra_config.json").is_file() and (ROOT / source.base).is_dir(), name
+    table = report.split("## Action-following accuracy")[1].split("\n## ")[0]
+    shown = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")]
+    assert shown[1:] == [row.name for row in config.rows] and shown[0] == "row"
