@@ -255,14 +255,24 @@ def test_the_committed_report_is_what_its_committed_config_evaluates():
     """models/demo/eval.yaml, the documented command behind report/report.md, names the committed
     folders, and the report shows its seed, case count, models and rows in order (a report re-run
     with other settings, or a config edited without re-running, fails here)."""
-    from astra.evaluate.config import load_eval_config
+    from astra.demo import ABLATIONS, WEIGHTS_PLAN, evaluation_rows
+    from astra.evaluate.config import RowConfig, load_eval_config
 
     config = load_eval_config(str(WEIGHTS / "eval.yaml"))
     report = (WEIGHTS / "report" / "report.md").read_text()
-    assert f"(seed {config.seed}, never in training): {config.cases} cases per modality" in report
+    assert f"(seed {config.seed}, " in report and f"): {config.cases} cases per modality" in report
     for name, source in config.models.items():
         assert f"`{name}` = {source.uri}" in report, name
         assert (ROOT / source.uri / "astra_config.json").is_file() and (ROOT / source.base).is_dir(), name
     table = report.split("## Action-following accuracy")[1].split("\n## ")[0]
     shown = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")]
     assert shown[1:] == [row.name for row in config.rows] and shown[0] == "row"
+    # ... and they are the rows, cases and seed that `jobs/demo.py --weights` evaluates
+    rows = tuple(RowConfig(**row) for row in evaluation_rows(WEIGHTS_PLAN, list(ABLATIONS)))
+    plan = WEIGHTS_PLAN
+    assert rows == config.rows and (plan.cases, plan.drift_cases, plan.drift_chunks) == (
+        config.cases,
+        config.drift_cases,
+        config.drift_chunks,
+    )
+    assert config.seed == load_eval_config(None).seed  # the demo passes no seed

@@ -91,6 +91,45 @@ def test_the_report_compares_each_row_with_the_no_action_baseline_case_by_case(t
     assert "| no actions |" not in section.split("\n## ", 1)[0]
     assert "| Euler 50 steps | - |" in section  # a row without cases: no tie invented
     assert "camera" not in paired(rs, "Euler 50 steps", "no actions")
+    assert "not checked against a training store: set train_store" in report  # no store: no claim
+    assert "## Ablations against the full model" not in report  # every row rolls out the same weights
+
+
+def test_the_report_compares_each_ablation_with_the_full_model_two_sided(tmp_path):
+    """Rows of other weights (ablations) against the first row, case by case: wins / losses and the
+    two-sided exact McNemar p per modality and pooled over the modalities' cases."""
+    import json
+    from math import comb
+
+    from astra.evaluate.report import write_report
+    from astra.evaluate.rollouts import CaseResult
+
+    def results(row, modality, right):
+        return [
+            CaseResult(row, modality, f"{modality}-{i:04d}", "accuracy", correct=i in right)
+            for i in range(20)
+        ]
+
+    full, abl = set(range(9)) | {15}, {0, 1, 15, 16, 17}  # camera: the ablation wins 2, loses 7
+    rs = results("full", "camera", full) + results("abl", "camera", abl)
+    rs += results("full", "driving", {3}) + results("abl", "driving", {3, 4})  # driving: wins 1, loses 0
+    rows = json.dumps([{"name": "full", "model": "model"}, {"name": "abl", "model": "other"}])
+    config = load_eval_config(
+        None,
+        [
+            "preset=tiny",
+            "modalities=[camera,driving]",
+            f"rows={rows}",
+            "models.model.uri=m",
+            "models.other.uri=o",
+        ],
+    )
+    write_report(config, rs, tmp_path, {"model": "m", "other": "o"})
+    section = (tmp_path / "report.md").read_text().split("## Ablations against the full model", 1)[1]
+    two_sided = 2 * sum(comb(9, k) for k in range(0, 3)) / 2**9  # P(|X - 4.5| >= 2.5), X ~ Bin(9, 1/2)
+    pooled = 2 * sum(comb(10, k) for k in range(0, 4)) / 2**10  # 3 wins, 7 losses of 10
+    assert f"| abl | 2 / 7, p = {two_sided:.2g} | 1 / 0, p = 1 | 3 / 7, p = {pooled:.2g} |" in section
+    assert "| full |" not in section.split("\n## ", 1)[0]
 
 
 def test_rows_share_a_case_and_the_no_action_row_ignores_actions(acting_checkpoint):

@@ -328,19 +328,12 @@ class Demo:
             f"of them also rolled out {p.drift_chunks} chunks for the drift)"
         )
         report = self.out / "eval"
-        rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
-                {"name": "no actions", "model": "model", "action_guidance": 0.0}]  # fmt: skip
-        if p.reference_steps:  # few-step sampling against the many-step reference (the default is Euler 10)
-            rows.append(
-                {"name": f"Euler {p.reference_steps} steps", "model": "model", "num_steps": p.reference_steps}
-            )
-        rows.append({"name": "UniPC 4 steps", "model": "model", "solver": "unipc", "num_steps": 4})
+        rows = evaluation_rows(p, list(ablations))
         if not ablations:
             print(f"  (the ablations and the many-step reference: {_shown(WEIGHTS / 'report' / 'report.md')}, "
                   "the evaluation of the committed weights)")  # fmt: skip
         extra = []
-        for i, (name, folder) in enumerate(ablations.items()):
-            rows.append({"name": name, "model": f"ablation{i}"})
+        for i, folder in enumerate(ablations.values()):
             extra += [f"models.ablation{i}.uri={folder}", f"models.ablation{i}.base={wan}"]
         self.run(self.py, "jobs/evaluate.py", "preset=demo", f"models.model.uri={adapter}", f"models.model.base={wan}",
                  *extra, f"rows={json.dumps(rows)}",
@@ -380,6 +373,24 @@ class Demo:
         path = self.out / "rollout.mp4"
         path.write_bytes(video.content)
         return path
+
+
+def evaluation_rows(plan: Plan, ablations: list[str]) -> list[dict]:
+    """The evaluation's rows (``EvalConfig.rows``) for ``plan``: the full model, without AFG, without
+    actions, the many-step reference, UniPC 4, then the named ablations (models ``ablation<i>``);
+    models/demo/eval.yaml holds those of ``WEIGHTS_PLAN`` (a test keeps the two equal)."""
+    rows = [{"name": "full", "model": "model"}, {"name": "w/o AFG", "model": "model", "action_guidance": 1.0},
+            {"name": "no actions", "model": "model", "action_guidance": 0.0}]  # fmt: skip
+    if plan.reference_steps:  # few-step sampling against the many-step reference (the default is Euler 10)
+        rows.append(
+            {
+                "name": f"Euler {plan.reference_steps} steps",
+                "model": "model",
+                "num_steps": plan.reference_steps,
+            }
+        )
+    rows.append({"name": "UniPC 4 steps", "model": "model", "solver": "unipc", "num_steps": 4})
+    return rows + [{"name": name, "model": f"ablation{i}"} for i, name in enumerate(ablations)]
 
 
 def _marker(name: str) -> str:

@@ -55,17 +55,21 @@ def summarise(results: list[CaseResult]) -> Summary:
 
 @dataclass(frozen=True)
 class Paired:
-    """One row against the no-action baseline on the same cases of one modality."""
+    """One row against a baseline row (the no-action one, or the full model) on the same cases of one
+    modality."""
 
     only_row: int  # cases the row gets right and the baseline wrong
     only_baseline: int  # the reverse
     cases: int
-    p_value: float  # one-sided exact McNemar test: P(only_row this large | the row is no better)
+    p_value: float  # exact McNemar test; one-sided ("greater"): P(only_row this large | no better)
 
 
-def paired(results: list[CaseResult], row: str, baseline: str) -> dict[str, Paired]:
+def paired(
+    results: list[CaseResult], row: str, baseline: str, alternative: str = "greater"
+) -> dict[str, Paired]:
     """Per modality, ``row`` against ``baseline`` case by case (the accuracy cases both rolled out):
-    the exact McNemar test, i.e. a binomial test on the discordant cases (scipy's ``binomtest``)."""
+    the exact McNemar test, i.e. a binomial test on the discordant cases (scipy's ``binomtest``;
+    ``alternative``: "greater" = the row is better, "two-sided" = no direction assumed)."""
     from scipy.stats import binomtest
 
     correct: dict[tuple[str, str, str], bool] = {
@@ -78,7 +82,7 @@ def paired(results: list[CaseResult], row: str, baseline: str) -> dict[str, Pair
             continue
         a = sum(correct[(row, m, c)] and not correct[(baseline, m, c)] for c in cases)
         b = sum(correct[(baseline, m, c)] and not correct[(row, m, c)] for c in cases)
-        p = binomtest(a, a + b, 0.5, alternative="greater").pvalue if a + b else 1.0
+        p = binomtest(a, a + b, 0.5, alternative=alternative).pvalue if a + b else 1.0
         out[m] = Paired(a, b, len(cases), float(p))
     return out
 
@@ -104,6 +108,34 @@ def _paired_section(config: EvalConfig, results: list[CaseResult]) -> list[str]:
             cells = [f"{q.only_row} / {q.only_baseline}, p = {q.p_value:.2g}" if (q := pairs.get(m)) else "-"
                      for m in mods]  # fmt: skip
             lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ablation_section(config: EvalConfig, results: list[CaseResult]) -> list[str]:
+    """The report's lines comparing each row of other weights (an ablation) with the first row (the
+    full model) case by case, two-sided (an ablation may help or hurt), per modality and pooled; none
+    without such rows."""
+    full = config.rows[0]
+    others = [r for r in config.rows if r.model != full.model]
+    if not others or not any(r.kind == "accuracy" for r in results):
+        return []
+    mods = list(config.modalities)
+    lines = ["", f"## Ablations against the full model, case by case ('{full.name}')", "",
+             f"Each row of other weights against '{full.name}' on the same cases: cases right only with the "
+             f"ablation / right only with '{full.name}', and the two-sided exact McNemar p-value (no direction "
+             f"assumed); 'all' pools the modalities' cases. With {len(others)} ablations, compare the pooled p "
+             f"with 0.05 / {len(others)} (Bonferroni).", "",
+             "| row | " + " | ".join(f"{m}: wins / losses, p" for m in mods) + " | all: wins / losses, p |",
+             "|---|" + "---|" * (len(mods) + 1)]  # fmt: skip
+    from scipy.stats import binomtest
+
+    for row in others:
+        pairs = paired(results, row.name, full.name, alternative="two-sided")
+        cells = [f"{q.only_row} / {q.only_baseline}, p = {q.p_value:.2g}" if (q := pairs.get(m)) else "-"
+                 for m in mods]  # fmt: skip
+        a, b = sum(q.only_row for q in pairs.values()), sum(q.only_baseline for q in pairs.values())
+        pooled = binomtest(a, a + b, 0.5).pvalue if a + b else 1.0
+        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {a} / {b}, p = {pooled:.2g} |")
     return lines
 
 
@@ -188,10 +220,15 @@ def write_report(config: EvalConfig, results: list[CaseResult], out: Path, model
         if h == 1
         else f"the same ground-truth start ({history_frames(h)} frames, {h} latents, shared by every sequence)"
     )
+    held_out = (  # run.check_held_out refused the run if train_store held one of the cases' worlds
+        "none of their worlds in the training store"
+        if config.train_store is not None
+        else "not checked against a training store: set train_store"
+    )
     lines = [
         "# Evaluation report",
         "",
-        f"Held-out synthetic worlds (seed {config.seed}, never in training): {config.cases} cases per modality, "
+        f"Held-out synthetic worlds (seed {config.seed}, {held_out}): {config.cases} cases per modality, "
         f"{config.chunks} chunk(s) each, {config.distractors} distractor action sequence(s) from {start} "
         f"(chance = {chance:.0%}). A rollout counts as following its actions when its frames after the start are "
         "nearer (pixel MSE) to the re-rendered ground truth of its commanded actions than to every distractor's.",
@@ -210,6 +247,7 @@ def write_report(config: EvalConfig, results: list[CaseResult], out: Path, model
         lines.append(f"| {row.name} | {_sampler(config, row)} | " + " | ".join(cells)
                      + f" | {mean:.1%} | {s.seconds.get(row.name, float('nan')):.3f} |")  # fmt: skip
     lines += _paired_section(config, results)
+    lines += _ablation_section(config, results)
     if s.probe:
         lines += ["", "## Action probe: the first chunk's estimate from pure noise (sigma = 1)", "",
                   "Per case, the model's x0 estimate at the first sampling step for each of the case's action "
