@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -136,7 +137,7 @@ class Demo:
             with lock:  # nothing starts once stopping is set
                 if stopping.is_set():
                     return None, ""
-                print(f"$ {tags[k]}" + " ".join(commands[k]) + "\n", end="", flush=True)
+                print(f"$ {tags[k]}" + shlex.join(commands[k]) + "\n", end="", flush=True)  # pastes into a shell
                 proc = subprocess.Popen(commands[k], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
                 procs.append(proc)
