@@ -137,7 +137,8 @@ class Demo:
             with lock:  # nothing starts once stopping is set
                 if stopping.is_set():
                     return None, ""
-                print(f"$ {tags[k]}" + shlex.join(commands[k]) + "\n", end="", flush=True)  # pastes into a shell
+                # shell-quoted: a printed command pastes into a shell (the evaluation's rows are JSON)
+                print(f"$ {tags[k]}" + shlex.join(commands[k]) + "\n", end="", flush=True)
                 proc = subprocess.Popen(commands[k], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
                 procs.append(proc)
