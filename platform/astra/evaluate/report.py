@@ -87,6 +87,34 @@ def paired(
     return out
 
 
+def _paired_table(
+    title: str,
+    text: str,
+    results: list[CaseResult],
+    rows: list[str],
+    baseline: str,
+    mods: list[str],
+    pooled: bool,
+) -> list[str]:
+    """A report section: ``rows`` against ``baseline`` case by case, per modality (and pooled over the
+    modalities' cases when ``pooled``: then two-sided, else one-sided "the row is better")."""
+    from scipy.stats import binomtest
+
+    alternative = "two-sided" if pooled else "greater"
+    extra = " | all: wins / losses, p" if pooled else ""
+    lines = ["", title, "", text, "", "| row | " + " | ".join(f"{m}: wins / losses, p" for m in mods) + extra + " |",
+             "|---|" + "---|" * (len(mods) + pooled)]  # fmt: skip
+    for row in rows:
+        pairs = paired(results, row, baseline, alternative)
+        cells = [f"{q.only_row} / {q.only_baseline}, p = {q.p_value:.2g}" if (q := pairs.get(m)) else "-"
+                 for m in mods]  # fmt: skip
+        if pooled:
+            a, b = sum(q.only_row for q in pairs.values()), sum(q.only_baseline for q in pairs.values())
+            cells.append(f"{a} / {b}, p = {binomtest(a, a + b, 0.5).pvalue if a + b else 1.0:.2g}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _paired_section(config: EvalConfig, results: list[CaseResult]) -> list[str]:
     """The report's lines comparing every row with the no-action row (AFG 0) case by case; none
     without such a row."""
@@ -94,21 +122,14 @@ def _paired_section(config: EvalConfig, results: list[CaseResult]) -> list[str]:
     if base is None or not any(r.kind == "accuracy" for r in results):
         return []
     mods = list(config.modalities)
-    lines = ["", f"## Against the no-action baseline, case by case ('{base.name}')", "",
-             f"Each row against '{base.name}' on the same cases: cases right only with the row's actions / "
-             f"right only without them, and the one-sided exact McNemar p-value (a binomial test on those "
-             f"cases: how likely so many wins if the actions did not help). Judging {len(mods)} modalities "
-             f"at once, compare p with 0.05 / {len(mods)} (Bonferroni). Rows of other weights (ablations) "
-             f"face the same baseline: their gap includes their weights' difference.", "",
-             "| row | " + " | ".join(f"{m}: wins / losses, p" for m in mods) + " |",
-             "|---|" + "---|" * len(mods)]  # fmt: skip
-    for row in config.rows:
-        if row.name != base.name:
-            pairs = paired(results, row.name, base.name)
-            cells = [f"{q.only_row} / {q.only_baseline}, p = {q.p_value:.2g}" if (q := pairs.get(m)) else "-"
-                     for m in mods]  # fmt: skip
-            lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
-    return lines
+    text = (f"Each row against '{base.name}' on the same cases: cases right only with the row's actions / "
+            f"right only without them, and the one-sided exact McNemar p-value (a binomial test on those "
+            f"cases: how likely so many wins if the actions did not help). Judging {len(mods)} modalities "
+            f"at once, compare p with 0.05 / {len(mods)} (Bonferroni). Rows of other weights (ablations) "
+            f"face the same baseline: their gap includes their weights' difference.")  # fmt: skip
+    rows = [r.name for r in config.rows if r.name != base.name]
+    title = f"## Against the no-action baseline, case by case ('{base.name}')"
+    return _paired_table(title, text, results, rows, base.name, mods, pooled=False)
 
 
 def _ablation_section(config: EvalConfig, results: list[CaseResult]) -> list[str]:
@@ -116,27 +137,15 @@ def _ablation_section(config: EvalConfig, results: list[CaseResult]) -> list[str
     full model) case by case, two-sided (an ablation may help or hurt), per modality and pooled; none
     without such rows."""
     full = config.rows[0]
-    others = [r for r in config.rows if r.model != full.model]
+    others = [r.name for r in config.rows if r.model != full.model]
     if not others or not any(r.kind == "accuracy" for r in results):
         return []
-    mods = list(config.modalities)
-    lines = ["", f"## Ablations against the full model, case by case ('{full.name}')", "",
-             f"Each row of other weights against '{full.name}' on the same cases: cases right only with the "
-             f"ablation / right only with '{full.name}', and the two-sided exact McNemar p-value (no direction "
-             f"assumed); 'all' pools the modalities' cases. With {len(others)} ablations, compare the pooled p "
-             f"with 0.05 / {len(others)} (Bonferroni).", "",
-             "| row | " + " | ".join(f"{m}: wins / losses, p" for m in mods) + " | all: wins / losses, p |",
-             "|---|" + "---|" * (len(mods) + 1)]  # fmt: skip
-    from scipy.stats import binomtest
-
-    for row in others:
-        pairs = paired(results, row.name, full.name, alternative="two-sided")
-        cells = [f"{q.only_row} / {q.only_baseline}, p = {q.p_value:.2g}" if (q := pairs.get(m)) else "-"
-                 for m in mods]  # fmt: skip
-        a, b = sum(q.only_row for q in pairs.values()), sum(q.only_baseline for q in pairs.values())
-        pooled = binomtest(a, a + b, 0.5).pvalue if a + b else 1.0
-        lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {a} / {b}, p = {pooled:.2g} |")
-    return lines
+    text = (f"Each row of other weights against '{full.name}' on the same cases: cases right only with the "
+            f"ablation / right only with '{full.name}', and the two-sided exact McNemar p-value (no direction "
+            f"assumed); 'all' pools the modalities' cases. With {len(others)} ablations, compare the pooled p "
+            f"with 0.05 / {len(others)} (Bonferroni).")  # fmt: skip
+    title = f"## Ablations against the full model, case by case ('{full.name}')"
+    return _paired_table(title, text, results, others, full.name, list(config.modalities), pooled=True)
 
 
 def _plots(config: EvalConfig, s: Summary, out: Path) -> list[str]:
