@@ -93,6 +93,9 @@ def test_demo_from_scratch_reproduces_the_weights_evaluates_and_serves(tmp_path)
     # the evaluation report: a table row per ablation line, every modality, with case counts
     report = (out / "eval" / "report.md").read_text()
     assert "from the same ground-truth start (9 frames, 3 latents" in report  # the demo's history_latents 3
+    assert "none of their worlds in the training store" in report  # the demo passes its store: checked
+    ablated = report.split("## Ablations against the full model, case by case ('full')", 1)[1]
+    assert "| with noise-as-mask (p = 0.8) |" in ablated.split("\n## ", 1)[0]  # the ablation against 'full'
     for row in ("| full |", "| w/o AFG |", "| no actions |", "| Euler 12 steps |", "| UniPC 4 steps |",
                 "| with noise-as-mask (p = 0.8) |"):  # fmt: skip
         assert row in report and "(n=2)" in report.split(row, 1)[1].split("\n", 1)[0], row
