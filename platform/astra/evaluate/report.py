@@ -64,14 +64,21 @@ class Paired:
     p_value: float  # exact McNemar test; one-sided ("greater"): P(only_row this large | no better)
 
 
+def _mcnemar(wins: int, losses: int, alternative: str) -> float:
+    """The exact McNemar p-value: a binomial test on the discordant cases (scipy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
+    return (
+        float(binomtest(wins, wins + losses, 0.5, alternative=alternative).pvalue) if wins + losses else 1.0
+    )
+
+
 def paired(
     results: list[CaseResult], row: str, baseline: str, alternative: str = "greater"
 ) -> dict[str, Paired]:
     """Per modality, ``row`` against ``baseline`` case by case (the accuracy cases both rolled out):
     the exact McNemar test, i.e. a binomial test on the discordant cases (scipy's ``binomtest``;
     ``alternative``: "greater" = the row is better, "two-sided" = no direction assumed)."""
-    from scipy.stats import binomtest
-
     correct: dict[tuple[str, str, str], bool] = {
         (r.row, r.modality, r.case_id): bool(r.correct) for r in results if r.kind == "accuracy"
     }
@@ -82,8 +89,7 @@ def paired(
             continue
         a = sum(correct[(row, m, c)] and not correct[(baseline, m, c)] for c in cases)
         b = sum(correct[(baseline, m, c)] and not correct[(row, m, c)] for c in cases)
-        p = binomtest(a, a + b, 0.5, alternative=alternative).pvalue if a + b else 1.0
-        out[m] = Paired(a, b, len(cases), float(p))
+        out[m] = Paired(a, b, len(cases), _mcnemar(a, b, alternative))
     return out
 
 
@@ -98,8 +104,6 @@ def _paired_table(
 ) -> list[str]:
     """A report section: ``rows`` against ``baseline`` case by case, per modality (and pooled over the
     modalities' cases when ``pooled``: then two-sided, else one-sided "the row is better")."""
-    from scipy.stats import binomtest
-
     alternative = "two-sided" if pooled else "greater"
     extra = " | all: wins / losses, p" if pooled else ""
     lines = ["", title, "", text, "", "| row | " + " | ".join(f"{m}: wins / losses, p" for m in mods) + extra + " |",
@@ -110,7 +114,7 @@ def _paired_table(
                  for m in mods]  # fmt: skip
         if pooled:
             a, b = sum(q.only_row for q in pairs.values()), sum(q.only_baseline for q in pairs.values())
-            cells.append(f"{a} / {b}, p = {binomtest(a, a + b, 0.5).pvalue if a + b else 1.0:.2g}")
+            cells.append(f"{a} / {b}, p = {_mcnemar(a, b, alternative):.2g}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
 
@@ -174,7 +178,7 @@ def _plots(config: EvalConfig, s: Summary, out: Path) -> list[str]:
         styles = ["-", "--", "-."]
         for c, m in enumerate(mods):
             colour = f"C{c}"
-            shown = [r for r in rows[:1] + [r for r in rows[1:] if (r, m) in s.psnr][:2] if (r, m) in s.psnr]
+            shown = [r for r in rows if (r, m) in s.psnr][:3]  # the first rows rolled out for the drift
             for row, ls in zip(shown, styles, strict=False):
                 x = np.arange(1, len(s.psnr[(row, m)]) + 1)
                 axes[0].plot(x, s.psnr[(row, m)], color=colour, ls=ls, marker="o", ms=3, label=f"{m} {row}")
